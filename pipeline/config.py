@@ -1,0 +1,291 @@
+"""One typed job configuration, built once at the edge and passed down.
+
+Layers, later wins: dataclass defaults -> a YAML file (``configs/*.yaml``) -> CLI flags. Each
+stage gets its own frozen dataclass; ``JobConfig`` composes them. Credentials never live here:
+they come from the standard AWS chain (environment, profile, IRSA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OUTPUT_FORMATS = ("same", "jpeg", "png", "webp")
+RETRY_MODES = ("standard", "adaptive", "legacy")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network runs and how."""
+
+    name: str = "mimo-unet"
+    """Registry name: mimo-unet, mimo-unet-plus, mimo-unet-plusplus."""
+    weights: str | None = None
+    """URI of the checkpoint (local path, file://, s3://). Required unless random_weights."""
+    random_weights: bool = False
+    """Run with untrained weights (smoke tests only: the output is not deblurred)."""
+    precision: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA), fp32, fp16 or bf16."""
+    channels_last: bool = True
+    """NHWC memory format on CUDA (ignored on CPU, where it does not help these convs)."""
+    tile_pixels: int = 4_000_000
+    """Images above this many pixels run as overlapping tiles (bounded memory)."""
+    tile_overlap: int = 32
+    """Overlap in pixels between neighbouring tiles; blended linearly."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+
+    def validate(self) -> None:
+        if not self.weights and not self.random_weights:
+            raise ConfigError(
+                "no model weights given: pass --weights URI (e.g. the authors' MIMO-UNet.pkl), "
+                "or --random-weights for a smoke test whose output is NOT deblurred"
+            )
+        if self.weights and self.random_weights:
+            raise ConfigError("both --weights and --random-weights given: choose one")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"model.precision={self.precision!r}: choose one of {PRECISIONS}")
+        if self.tile_pixels < 64 * 64:
+            raise ConfigError(f"model.tile_pixels={self.tile_pixels}: must be at least 4096")
+        if self.tile_overlap < 0 or self.tile_overlap % 4:
+            raise ConfigError(
+                f"model.tile_overlap={self.tile_overlap}: must be a non-negative multiple of 4"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"model.device={self.device!r}: choose auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How images are decoded and written back."""
+
+    output_format: str = "same"
+    """same (as the input), jpeg, png or webp."""
+    quality: int = 95
+    """JPEG/WebP quality, 1..100."""
+    max_pixels: int = 150_000_000
+    """Images declaring more pixels are refused before decoding (decompression bombs)."""
+
+    def validate(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ConfigError(
+                f"codec.output_format={self.output_format!r}: choose one of {OUTPUT_FORMATS}"
+            )
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"codec.quality={self.quality}: must be within 1..100")
+        if self.max_pixels < 1:
+            raise ConfigError(f"codec.max_pixels={self.max_pixels}: must be positive")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object storage client settings (credentials come from the AWS chain, never here)."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint (MinIO, Ceph, R2, moto). Default: AWS_ENDPOINT_URL or AWS itself."""
+    region: str | None = None
+    """Region; default from the AWS chain."""
+    retry_mode: str = "adaptive"
+    """botocore retry mode: standard or adaptive (client-side rate limiting on throttles)."""
+    max_attempts: int = 10
+    """Total attempts per request, first included."""
+    max_pool_connections: int = 64
+    """HTTP connections per process; sized to the worker's I/O threads."""
+
+    def validate(self) -> None:
+        if self.retry_mode not in RETRY_MODES:
+            raise ConfigError(f"storage.retry_mode={self.retry_mode!r}: choose {RETRY_MODES}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"storage.max_attempts={self.max_attempts}: must be >= 1")
+        if self.max_pool_connections < 1:
+            raise ConfigError(
+                f"storage.max_pool_connections={self.max_pool_connections}: must be >= 1"
+            )
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Dynamic batching of decoded images before the model."""
+
+    max_batch: int = 16
+    """Most images in one forward pass."""
+    pixel_budget: int = 16_000_000
+    """Most padded pixels in one batch (bounds activation memory)."""
+    max_wait_ms: float = 50.0
+    """A partial batch is sent after waiting this long for more same-shape images."""
+    bucket_multiple: int = 16
+    """Padded shapes are rounded up to this multiple so more images share a batch."""
+
+    def validate(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError(f"batch.max_batch={self.max_batch}: must be >= 1")
+        if self.pixel_budget < 4096:
+            raise ConfigError(f"batch.pixel_budget={self.pixel_budget}: must be >= 4096")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"batch.max_wait_ms={self.max_wait_ms}: must be >= 0")
+        if self.bucket_multiple < 4 or self.bucket_multiple % 4:
+            raise ConfigError(
+                f"batch.bucket_multiple={self.bucket_multiple}: must be a multiple of 4"
+            )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One Ray worker actor: its resources and I/O pipeline."""
+
+    gpus_per_worker: float = 1.0
+    """GPUs per actor (fractions allowed; a logical GPU on CPU-only machines)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per actor for Ray scheduling."""
+    io_threads: int = 8
+    """Threads for fetch+decode and for encode+upload, each."""
+    prefetch: int = 32
+    """Decoded images queued ahead of the model (backpressure bound)."""
+
+    def validate(self) -> None:
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"worker.gpus_per_worker={self.gpus_per_worker}: must be >= 0")
+        if self.io_threads < 1 or self.prefetch < 1:
+            raise ConfigError("worker.io_threads and worker.prefetch must be >= 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The driver: the autoscaling worker pool and retries."""
+
+    address: str | None = None
+    """Ray address; None starts Ray in-process (the embedded default)."""
+    min_workers: int = 1
+    """Actors kept alive even when idle."""
+    max_workers: int = 1
+    """Most actors; pending ones ask the Ray autoscaler for GPU nodes."""
+    idle_timeout_s: float = 60.0
+    """An actor idle this long (and above min_workers) is retired."""
+    shards_per_worker: int = 2
+    """Shards in flight per actor (2 keeps the GPU busy across shard boundaries)."""
+    max_attempts: int = 3
+    """Attempts per shard on actor/node loss before its rows are recorded failed."""
+    ray_num_gpus: int | None = None
+    """Logical GPUs for an in-process Ray (default: as many as max_workers need on CPU)."""
+
+    def validate(self) -> None:
+        if self.min_workers < 0 or self.max_workers < 1:
+            raise ConfigError("scheduler: min_workers must be >= 0 and max_workers >= 1")
+        if self.min_workers > self.max_workers:
+            raise ConfigError(
+                f"scheduler.min_workers={self.min_workers} exceeds "
+                f"max_workers={self.max_workers}"
+            )
+        if self.shards_per_worker < 1 or self.max_attempts < 1:
+            raise ConfigError("scheduler: shards_per_worker and max_attempts must be >= 1")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one job needs; stored in job.json for provenance and reruns."""
+
+    source: str = ""
+    """Manifest object or prefix/folder to list (s3://… or local)."""
+    destination: str = ""
+    """Prefix/folder the deblurred images go under."""
+    job_root: str | None = None
+    """Ledger location; default DEST/_deblur/<job_id>/."""
+    shard_size: int = 1000
+    """Images per shard (the unit of dispatch, retry and commit)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def validate(self) -> JobConfig:
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size={self.shard_size}: must be >= 1")
+        for section in (self.model, self.codec, self.storage, self.batch, self.worker,
+                        self.scheduler):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML scalar against a field's annotation (ints may stand for floats)."""
+    hint = typing.get_origin(annotation)
+    allowed = typing.get_args(annotation) if hint in (typing.Union, types.UnionType) else (
+        annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{where}={value!r}: expected {names}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        if name not in known:
+            raise ConfigError(f"unknown config key {path!r}; valid keys: {sorted(known)}")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, path)
+        else:
+            kwargs[name] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> JobConfig:
+    """Build a JobConfig from nested plain data (YAML or job.json), rejecting unknown keys."""
+    return _build(JobConfig, data, "")
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys), validated.
+
+    Args:
+        path: a YAML job config, or None for defaults only.
+        overrides: ``{"batch.max_batch": 8, "source": "s3://…"}``; None values are ignored so
+            unset CLI flags do not clobber the file.
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(data).validate()
+

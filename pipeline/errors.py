@@ -1,0 +1,68 @@
+"""The project's exception hierarchy.
+
+Every message quotes the bad value and says what is allowed or what to do, so the CLI can
+print it as one line. A bad *image* is never raised out of a shard: the worker turns an
+``ImageError`` into a failed result row (``reason`` is the short class used for grouping).
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+
+class ConfigError(PipelineError):
+    """A job configuration value is missing or invalid; the message names the field."""
+
+
+class ManifestError(PipelineError):
+    """The manifest as a whole cannot be used (unreadable, no key column, empty)."""
+
+
+class WeightsError(PipelineError):
+    """Model weights cannot be loaded or do not fit the chosen model."""
+
+
+class ModelError(PipelineError):
+    """Unknown model name or an input the network cannot take."""
+
+
+class StorageError(PipelineError):
+    """An object-storage or filesystem operation failed; ``uri`` names the object."""
+
+    def __init__(self, message: str, uri: str = "") -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+class NotFoundError(StorageError):
+    """The object or bucket does not exist."""
+
+
+class AccessDeniedError(StorageError):
+    """The credentials in use may not read or write the object."""
+
+
+class ThrottledError(StorageError):
+    """The store kept answering SlowDown/503 after every retry."""
+
+
+class AlreadyExistsError(StorageError):
+    """A put-if-absent found the object already there."""
+
+
+class ImageError(PipelineError):
+    """One image cannot be processed. ``reason`` is a short stable class for grouping.
+
+    Reasons: ``empty``, ``corrupt``, ``truncated``, ``unsupported_format``, ``too_large``,
+    ``unsupported_mode``, ``fetch_failed``, ``upload_failed``, ``inference_failed``,
+    ``invalid_key``, ``duplicate_key``, ``output_collision``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.args[0]}"

@@ -1,0 +1,60 @@
+"""Model registry: variants are short functions over one class, looked up by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from pipeline.errors import ModelError
+from pipeline.model.mimo_unet import MIMOUNet, MIMOUNetConfig, SelfEnsemble
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
+    from pipeline.model.weights import WeightsInfo
+
+STRIDE = 4
+"""H and W of a network input must be multiples of this (two stride-2 stages)."""
+
+
+def mimo_unet() -> nn.Module:
+    """MIMO-UNet: 8 residual blocks per stage (6.8 M parameters)."""
+    return MIMOUNet(MIMOUNetConfig(num_res=8))
+
+
+def mimo_unet_plus() -> nn.Module:
+    """MIMO-UNet+: 20 residual blocks per stage and channel dropout in training (16.1 M)."""
+    return MIMOUNet(MIMOUNetConfig(num_res=20, dropout=0.1))
+
+
+def mimo_unet_plusplus() -> nn.Module:
+    """MIMO-UNet++: MIMO-UNet+ weights run as an 8-way geometric self-ensemble."""
+    return SelfEnsemble(mimo_unet_plus())  # type: ignore[arg-type]
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "mimo-unet": mimo_unet,
+    "mimo-unet-plus": mimo_unet_plus,
+    "mimo-unet-plusplus": mimo_unet_plusplus,
+}
+
+
+def create_model(name: str) -> nn.Module:
+    """Build a registered model in eval() mode (dropout off), weights random."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}") from None
+    return factory().eval()
+
+
+def load_model(config: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
+    """The configured network with its weights (or random ones, only when asked for)."""
+    from pipeline.model.weights import RANDOM_WEIGHTS, load_weights
+
+    model = create_model(config.name)
+    if config.random_weights:
+        return model, RANDOM_WEIGHTS
+    assert config.weights, "ModelConfig.validate() requires weights or random_weights"
+    return model, load_weights(model, config.weights, config.name)

@@ -1,0 +1,105 @@
+"""Batch inference: sizes, padding, rounding, precision, tiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.inference import Deblurrer, reflect_pad, tile_grid
+from pipeline.model import create_model
+
+
+@pytest.fixture(scope="module")
+def deblurrer() -> Deblurrer:
+    torch.manual_seed(0)
+    return Deblurrer(create_model("mimo-unet"), ModelConfig(random_weights=True))
+
+
+def _random(shape: tuple[int, ...], dtype=np.uint8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (37, 41), (64, 64)])
+def test_odd_sizes_come_back_at_their_size(deblurrer: Deblurrer, size: tuple[int, int]) -> None:
+    (out,) = deblurrer.deblur([_random((*size, 3))])
+    assert out.shape == (*size, 3) and out.dtype == np.uint8
+
+
+def test_mixed_sizes_in_one_bucket_each_come_back_cropped(deblurrer: Deblurrer) -> None:
+    images = [_random((30, 40, 3), seed=1), _random((32, 29, 3), seed=2)]
+    outs = deblurrer.deblur(images, shape=(32, 48))
+    assert [o.shape for o in outs] == [(30, 40, 3), (32, 29, 3)]
+    # Padding neighbours must not leak into an image: alone it gives the same pixels.
+    (alone,) = deblurrer.deblur([images[0]], shape=(32, 48))
+    np.testing.assert_array_equal(outs[0], alone)
+
+
+def test_fp32_is_deterministic(deblurrer: Deblurrer) -> None:
+    image = _random((48, 40, 3), seed=3)
+    a, b = deblurrer.deblur([image])[0], deblurrer.deblur([image])[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_output_uses_the_authors_rounding(deblurrer: Deblurrer) -> None:
+    image = _random((16, 16, 3), seed=4)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        pred = deblurrer.model(x)[2].clamp(0, 1)
+    # eval.py: pred_clip += 0.5 / 255; to_pil_image -> mul(255).byte() (truncation)
+    expected = (pred + 0.5 / 255).mul(255).byte()[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(deblurrer.deblur([image])[0], expected)
+
+
+def test_sixteen_bit_stays_sixteen_bit(deblurrer: Deblurrer) -> None:
+    image = _random((20, 24, 3), dtype=np.uint16, seed=5)
+    (out,) = deblurrer.deblur([image])
+    assert out.dtype == np.uint16
+    # values far from the 8-bit grid survive: not a 256-level image scaled up
+    assert len(np.unique(out)) > 1000
+
+
+def test_reflect_pad_wider_than_the_image() -> None:
+    x = torch.arange(6, dtype=torch.float32).reshape(1, 1, 2, 3)
+    padded = reflect_pad(x, 7, 9)
+    assert padded.shape == (1, 1, 9, 12)
+    assert torch.equal(padded[..., :2, :3], x)
+    assert reflect_pad(torch.ones(1, 1, 1, 1), 3, 3).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize(("h", "w"), [(300, 260), (1000, 4000), (257, 64)])
+def test_tile_grid_covers_the_image_within_the_budget(h: int, w: int) -> None:
+    grid = tile_grid(h, w, tile_pixels=128 * 128, overlap=32)
+    assert grid.tile * grid.tile <= 128 * 128 and grid.tile % 4 == 0
+    covered = np.zeros((h, w), bool)
+    for y in grid.ys:
+        for x in grid.xs:
+            covered[y:y + grid.tile, x:x + grid.tile] = True
+    assert covered.all()
+    assert all(b - a <= grid.tile - 32 for a, b in zip(grid.xs, grid.xs[1:]))
+
+
+def test_tiling_bounds_what_the_network_sees_and_stays_close() -> None:
+    torch.manual_seed(0)
+    model = create_model("mimo-unet")
+    tiled = Deblurrer(model, ModelConfig(random_weights=True, tile_pixels=96 * 96,
+                                         tile_overlap=32))
+    seen: list[tuple[int, ...]] = []
+    forward = tiled.forward
+    tiled.forward = lambda batch: (seen.append(tuple(batch.shape)), forward(batch))[1]
+    image = _random((200, 180, 3), seed=6)
+    out = tiled.deblur([image])[0]
+    assert out.shape == image.shape
+    assert len(seen) > 1 and all(h * w <= 96 * 96 for *_, h, w in seen)
+    untiled = Deblurrer(model, ModelConfig(random_weights=True, tile_pixels=10**8))
+    full = untiled.deblur([image])[0]
+    interior = np.abs(out.astype(int) - full.astype(int))[16:-16, 16:-16]
+    assert interior.mean() < 1.0 and interior.max() <= 8
+
+
+def test_a_batch_of_mixed_dtypes_is_refused(deblurrer: Deblurrer) -> None:
+    from pipeline.errors import ModelError
+
+    with pytest.raises(ModelError, match="one dtype"):
+        deblurrer.deblur([_random((8, 8, 3)), _random((8, 8, 3), dtype=np.uint16)])

@@ -1,0 +1,306 @@
+"""The ``deblur`` command line: thin commands over the library.
+
+Heavy modules (torch, ray, pyarrow) are imported inside the commands so ``deblur --help``
+stays fast. Domain errors become one line on stderr and an exit code, here and only here.
+
+Exit codes: 0 every image ok; 1 the job finished but some images failed (the rest written);
+2 usage, configuration or manifest error (nothing ran); 3 the job stopped early (cancelled or
+interrupted: `deblur run --resume` or `deblur rerun` finishes it); 4 a runtime error (storage
+unreachable, workers could not start, …).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_STOPPED, EXIT_RUNTIME = 0, 1, 2, 3, 4
+
+app = typer.Typer(help="Distributed batch image deblurring with MIMO-UNet on Ray.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _guard(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a command body, turning domain errors into one line and an exit code."""
+    from pipeline.errors import ConfigError, ManifestError, PipelineError, WeightsError
+
+    try:
+        return func(*args, **kwargs)
+    except (ConfigError, ManifestError, WeightsError) as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    except PipelineError as exc:
+        raise _fail(str(exc), EXIT_RUNTIME) from None
+    except Exception as exc:
+        from pipeline.scheduler import WorkerStartError
+
+        if isinstance(exc, WorkerStartError):
+            raise _fail(str(exc), EXIT_RUNTIME) from None
+        raise
+
+
+# -- options shared by run and rerun ---------------------------------------------------------
+
+Address = Annotated[str | None, typer.Option(
+    help="Ray cluster address (ray://… or auto); default: start Ray in this process.")]
+MinWorkers = Annotated[int | None, typer.Option(help="Actors kept alive even when idle.")]
+MaxWorkers = Annotated[int | None, typer.Option(help="Most worker actors (one model each).")]
+GpusPerWorker = Annotated[float | None, typer.Option(help="GPUs per actor; fractions allowed.")]
+MaxBatch = Annotated[int | None, typer.Option(help="Most images per forward pass.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _pool_overrides(address: str | None, min_workers: int | None, max_workers: int | None,
+                    gpus_per_worker: float | None, max_batch: int | None) -> dict[str, Any]:
+    return {"scheduler.address": address, "scheduler.min_workers": min_workers,
+            "scheduler.max_workers": max_workers, "worker.gpus_per_worker": gpus_per_worker,
+            "batch.max_batch": max_batch}
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Argument(help="Manifest (.parquet/.csv/.jsonl/.txt) or prefix"
+                                               " to list: s3://bucket/prefix or a folder.")],
+    destination: Annotated[str, typer.Argument(help="Output prefix: s3://… or a folder.")],
+    *,
+    config: Annotated[Path | None, typer.Option(help="Job config YAML (see configs/).")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="mimo-unet, mimo-unet-plus or mimo-unet-plusplus.")] = None,
+    weights: Annotated[str | None, typer.Option(
+        help="Checkpoint URI: path, file:// or s3:// (.pkl/.pth/.safetensors).")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        help="Run untrained weights: a smoke test, the output is NOT deblurred.")] = False,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16.")] = None,
+    output_format: Annotated[str | None, typer.Option(
+        "--format", help="Output format: same, jpeg, png or webp.")] = None,
+    quality: Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")] = None,
+    tile_pixels: Annotated[int | None, typer.Option(
+        help="Images above this many pixels run as overlapping tiles.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Images per shard.")] = None,
+    job_root: Annotated[str | None, typer.Option(
+        help="Where the job's ledger lives; default DEST/_deblur/<job_id>/.")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Finish the job already at --job-root (skips shards that have results).")] = False,
+    address: Address = None,
+    min_workers: MinWorkers = None,
+    max_workers: MaxWorkers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    max_batch: MaxBatch = None,
+    quiet: Quiet = False,
+) -> None:
+    """Deblur every image of SOURCE into DESTINATION (same relative paths)."""
+    from pipeline import config as config_mod
+
+    overrides = {
+        "source": source, "destination": destination, "job_root": job_root,
+        "shard_size": shard_size, "model.name": model, "model.weights": weights,
+        "model.random_weights": random_weights or None, "model.precision": precision,
+        "model.tile_pixels": tile_pixels, "codec.output_format": output_format,
+        "codec.quality": quality,
+        **_pool_overrides(address, min_workers, max_workers, gpus_per_worker, max_batch),
+    }
+    job = _guard(config_mod.load, config, overrides)
+    code = _guard(_run_job, job, resume=resume, quiet=quiet)
+    raise typer.Exit(code)
+
+
+def _run_job(job: Any, *, resume: bool, quiet: bool) -> int:
+    from pipeline.scheduler import execute, open_or_plan
+    from pipeline.storage import get_storage
+
+    storage = get_storage(job.storage)
+    ledger = open_or_plan(job, storage, resume=resume)
+    status = ledger.status()
+    shards = sorted(set(ledger.shard_ids()) - ledger.done_shards())
+    typer.echo(f"job root: {ledger.job_root}")
+    if job.model.random_weights:
+        typer.echo("warning: --random-weights: the model is untrained, outputs are NOT "
+                   "deblurred (smoke test only)", err=True)
+    outcome = execute(ledger.config(), ledger, shards, status.pending,
+                      on_progress=None if quiet else _progress_printer())
+    return _report(outcome)
+
+
+@app.command()
+def rerun(
+    job_root: Annotated[str, typer.Argument(help="The job to finish: its ledger root.")],
+    *,
+    address: Address = None,
+    min_workers: MinWorkers = None,
+    max_workers: MaxWorkers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    max_batch: MaxBatch = None,
+    quiet: Quiet = False,
+) -> None:
+    """Process the job's pending shards and failed rows only; ok outputs are not rewritten."""
+    code = _guard(_rerun, job_root, _pool_overrides(address, min_workers, max_workers,
+                                                    gpus_per_worker, max_batch), quiet)
+    raise typer.Exit(code)
+
+
+def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
+    from pipeline import config as config_mod
+    from pipeline.ledger import Ledger
+    from pipeline.scheduler import execute
+    from pipeline.storage import get_storage
+
+    ledger = Ledger.open(get_storage(), job_root)
+    data = ledger.config().to_dict()
+    for dotted, value in overrides.items():
+        if value is not None:
+            section, _, name = dotted.partition(".")
+            data[section][name] = value
+    job = config_mod.from_dict(data).validate()
+    ledger.clear_cancel()
+    status = ledger.status()
+    shards = ledger.rerun_selection()
+    typer.echo(f"job root: {ledger.job_root}: rerunning {len(shards)} shards "
+               f"({status.pending} pending, {status.failed} failed rows)")
+    outcome = execute(job, ledger, shards, status.pending + status.failed,
+                      on_progress=None if quiet else _progress_printer())
+    return _report(outcome)
+
+
+def _report(outcome: Any) -> int:
+    status = outcome.status
+    typer.echo(f"done: {status.ok} ok, {status.failed} failed, {status.pending} pending "
+               f"of {status.total} ({outcome.progress.images_per_s:.1f} images/s); "
+               f"job root: {outcome.job_root}")
+    for reason, count in sorted(status.failures_by_reason.items()):
+        typer.echo(f"  failed {reason}: {count}", err=True)
+    if outcome.progress.cancelled or status.pending:
+        typer.echo(f"stopped early: `deblur rerun {outcome.job_root}` finishes the job",
+                   err=True)
+        return EXIT_STOPPED
+    return EXIT_FAILED_IMAGES if status.failed else EXIT_OK
+
+
+def _progress_printer() -> Any:
+    """A one-line progress bar on a TTY; a plain log line every 10 s otherwise."""
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(progress: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] < (0.5 if tty else 10.0):
+            return
+        last[0] = now
+        rate = progress.images_per_s
+        left = max(progress.rows_total - progress.rows_done, 0)
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        line = (f"{progress.rows_done}/{progress.rows_total} images, {rate:.1f}/s, "
+                f"ETA {eta}, {progress.failed} failed, workers {progress.workers_active}"
+                f" (+{progress.workers_pending} pending)")
+        if tty:
+            sys.stderr.write("\r" + line.ljust(100))
+            sys.stderr.flush()
+        else:
+            typer.echo(line, err=True)
+
+    return show
+
+
+@app.command()
+def status(
+    job_root: Annotated[str, typer.Argument(help="The job's ledger root.")],
+    *,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Totals (ok / failed / pending), failures by reason, throughput and shard states."""
+    _guard(_status, job_root, as_json)
+
+
+def _status(job_root: str, as_json: bool) -> None:
+    from pipeline.ledger import Ledger
+    from pipeline.storage import get_storage
+
+    state = Ledger.open(get_storage(), job_root).status()
+    data = state.to_dict()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    typer.echo(f"job {job_root}")
+    typer.echo(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "
+               f"{data['pending']} pending")
+    typer.echo(f"  shards: {data.get('shards_done')}/{data.get('shards_total')} done")
+    if data.get("throughput"):
+        typer.echo(f"  throughput: {data['throughput']:.2f} images/s")
+    for reason, count in sorted(data.get("failures_by_reason", {}).items()):
+        typer.echo(f"  failed {reason}: {count}")
+
+
+@app.command()
+def cancel(job_root: Annotated[str, typer.Argument(help="The job's ledger root.")]) -> None:
+    """Ask the job's driver to stop dispatching; finish it later with `deblur rerun`."""
+    _guard(_cancel, job_root)
+
+
+def _cancel(job_root: str) -> None:
+    from pipeline.ledger import Ledger
+    from pipeline.storage import get_storage
+
+    Ledger.open(get_storage(), job_root).request_cancel()
+    typer.echo(f"cancel requested for {job_root}; the driver stops within seconds")
+
+
+@app.command("list")
+def list_jobs(destination: Annotated[str, typer.Argument(help="A job's destination.")]) -> None:
+    """List the jobs recorded under DESTINATION/_deblur/."""
+    _guard(_list, destination)
+
+
+def _list(destination: str) -> None:
+    from pipeline.ledger import list_jobs as ledger_list_jobs
+    from pipeline.storage import get_storage
+
+    for job in ledger_list_jobs(get_storage(), destination):
+        typer.echo(json.dumps(job, default=str))
+
+
+@app.command()
+def manifest(
+    prefix: Annotated[str, typer.Argument(help="Prefix or folder to list (images only).")],
+    out: Annotated[str, typer.Argument(help="Parquet manifest to write (s3:// or local).")],
+) -> None:
+    """Write the listing of PREFIX as a reusable Parquet manifest."""
+    _guard(_manifest, prefix, out)
+
+
+def _manifest(prefix: str, out: str) -> None:
+    from pipeline.manifest import write_listing
+    from pipeline.storage import get_storage
+
+    count = write_listing(prefix, out, get_storage())
+    typer.echo(f"wrote {count} keys to {out}")
+
+
+@app.command()
+def samples(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the sample images into.")],
+    count: Annotated[int, typer.Option(help="How many images.")] = 8,
+) -> None:
+    """Make synthetic blurry sample images (known motion blur) for a demo job."""
+    from pipeline.samples import reference_folder, write_samples
+
+    paths = write_samples(folder, count=count)
+    typer.echo(f"wrote {len(paths)} blurry sample images to {folder} "
+               f"(sharp references in {reference_folder(folder)})")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""The job's state, kept only in storage, so any process (driver, worker, `deblur status`, a
+restarted driver on another machine) sees the same truth.
+
+    <job_root>/job.json               config, source, model + weights digest, row/shard counts
+    <job_root>/shards/00000.parquet   planned rows: row_id, key, output_key, reference, error
+    <job_root>/results/00000.parquet  one row per shard row: ok, or failed with a reason
+    <job_root>/cancel                 present while a cancel is requested
+    <job_root>/summary.json           totals when a run ends
+
+job.json is written last when planning (with put-if-absent), so its existence means "planned";
+a shard is done iff its result object exists. A result is written whole (S3 put, or a local
+rename) and only after every output of the shard was uploaded. A rerun merges: rows already ok
+are kept as they were, the rest are replaced, and the merge asserts that every row of the shard
+appears exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.config import JobConfig, from_dict
+from pipeline.errors import AlreadyExistsError, ConfigError, ManifestError, NotFoundError
+from pipeline.manifest import SHARD_SCHEMA, iter_shards, plan_rows
+from pipeline.storage import Storage, as_folder, join
+
+RESULT_SCHEMA = pa.schema([
+    pa.field("row_id", pa.int64(), nullable=False),
+    pa.field("key", pa.string()),
+    pa.field("output_key", pa.string()),
+    pa.field("status", pa.string()),  # ok | failed
+    pa.field("reason", pa.string()),  # short class for grouping (failed rows)
+    pa.field("error", pa.string()),  # one line naming the image and the problem
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("bytes_in", pa.int64()),
+    pa.field("bytes_out", pa.int64()),
+    pa.field("fetch_ms", pa.float32()),
+    pa.field("decode_ms", pa.float32()),
+    pa.field("infer_ms", pa.float32()),
+    pa.field("encode_ms", pa.float32()),
+    pa.field("upload_ms", pa.float32()),
+    pa.field("attempt", pa.int32()),
+    pa.field("worker", pa.string()),
+    pa.field("sharpness_in", pa.float32()),
+    pa.field("sharpness_out", pa.float32()),
+    pa.field("sharpness_ratio", pa.float32()),
+    pa.field("psnr", pa.float32()),
+    pa.field("ssim", pa.float32()),
+    pa.field("finished_at", pa.float64()),
+])
+
+PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision"})
+"""Failures a rerun cannot fix: they come from the manifest itself."""
+
+UPLOAD_THREADS = 16
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def default_job_root(destination: str, job_id: str) -> str:
+    return join(as_folder(destination) + "_deblur", job_id) + "/"
+
+
+def _shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}.parquet"
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+@dataclass
+class JobStatus:
+    """Counts from the ledger alone (no Ray needed)."""
+
+    total: int
+    ok: int
+    failed: int
+    pending: int
+    shards_done: int
+    shards_total: int
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    throughput: float | None = None  # ok images per second between first and last finish
+    cancel_requested: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.pending == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "ok": self.ok, "failed": self.failed,
+                "pending": self.pending, "shards_done": self.shards_done,
+                "shards_total": self.shards_total,
+                "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
+                "throughput_images_per_s": self.throughput,
+                "cancel_requested": self.cancel_requested}
+
+
+class Ledger:
+    """Reads and writes one job's state under ``job_root``."""
+
+    def __init__(self, storage: Storage, job_root: str) -> None:
+        self.storage = storage
+        self.job_root = as_folder(job_root)
+        self._job: dict[str, Any] | None = None
+
+    def _path(self, *parts: str) -> str:
+        return self.job_root + "/".join(parts)
+
+    # -- creating and opening -----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, storage: Storage, config: JobConfig, job_id: str,
+               model_info: dict[str, Any]) -> Ledger:
+        """Plan the job: stream the source into shard files, then write job.json."""
+        if not config.job_root:
+            raise ConfigError("job_root is not set; call with a planned job root")
+        if not config.source or not config.destination:
+            raise ConfigError("a job needs a source and a destination: "
+                              "deblur run SOURCE DESTINATION")
+        ledger = cls(storage, config.job_root)
+        if storage.exists(ledger._path("job.json")):
+            raise ConfigError(f"a job already exists at {ledger.job_root}; choose another "
+                              f"--job-root or resume it with --resume")
+        batches, planner = plan_rows(config.source, config.destination, storage, config.codec)
+        shards = 0
+        # Shard files upload in parallel (a million rows is a thousand objects on S3), with a
+        # bounded number in flight so planning memory stays flat.
+        with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="plan") as pool:
+            in_flight: list[Any] = []
+            for table in iter_shards(batches, config.shard_size):
+                data = _parquet_bytes(table)
+                in_flight.append(pool.submit(storage.put, ledger._path("shards",
+                                                                        _shard_name(shards)),
+                                             data))
+                shards += 1
+                if len(in_flight) >= 2 * UPLOAD_THREADS:
+                    in_flight.pop(0).result()
+            for future in in_flight:
+                future.result()
+        counts = planner.counts
+        counts.shards = shards
+        if counts.rows == 0:
+            raise ManifestError(f"source {config.source} lists no images: check the prefix "
+                                f"(image extensions only) or the manifest's key column")
+        job = {"job_id": job_id, "created_at": time.time(), "code_version": __version__,
+               "source": config.source, "destination": config.destination,
+               "rows": counts.rows, "shards": shards, "plan": counts.to_dict(),
+               "model": model_info, "config": config.to_dict()}
+        try:
+            storage.put_if_absent(ledger._path("job.json"),
+                                  json.dumps(job, indent=2, default=str).encode())
+        except AlreadyExistsError:
+            raise ConfigError(f"another driver planned a job at {ledger.job_root} at the same "
+                              f"time; use a different --job-root") from None
+        ledger._job = job
+        return ledger
+
+    @classmethod
+    def open(cls, storage: Storage, job_root: str) -> Ledger:
+        ledger = cls(storage, job_root)
+        ledger.job()
+        return ledger
+
+    def job(self) -> dict[str, Any]:
+        if self._job is None:
+            try:
+                data = self.storage.get(self._path("job.json"))
+            except NotFoundError:
+                raise ConfigError(f"no job at {self.job_root} (no job.json): check the job "
+                                  f"root that `deblur run` printed") from None
+            self._job = json.loads(data)
+        return self._job
+
+    def config(self) -> JobConfig:
+        return from_dict(self.job()["config"])
+
+    # -- shards and results --------------------------------------------------------------------
+
+    def shard_ids(self) -> list[int]:
+        return list(range(int(self.job()["shards"])))
+
+    def read_shard(self, shard_id: int) -> pa.Table:
+        data = self.storage.get(self._path("shards", _shard_name(shard_id)))
+        return pq.read_table(io.BytesIO(data), schema=SHARD_SCHEMA)
+
+    def read_result(self, shard_id: int) -> pa.Table | None:
+        try:
+            data = self.storage.get(self._path("results", _shard_name(shard_id)))
+        except NotFoundError:
+            return None
+        return pq.read_table(io.BytesIO(data), schema=RESULT_SCHEMA)
+
+    def done_shards(self) -> set[int]:
+        """Shards that have a result (whatever its failed rows)."""
+        done = set()
+        try:
+            for info in self.storage.list(self._path("results"), (".parquet",)):
+                name = info.key.rsplit("/", 1)[-1]
+                if name[:5].isdigit():
+                    done.add(int(name[:5]))
+        except NotFoundError:
+            pass  # no results folder yet
+        return done
+
+    def pending_rows(self, shard_id: int) -> pa.Table:
+        """The shard's rows that are not ok yet (all of them on a first run)."""
+        rows = self.read_shard(shard_id)
+        previous = self.read_result(shard_id)
+        if previous is None:
+            return rows
+        ok = previous.filter(pc.equal(previous["status"], "ok"))["row_id"]
+        return rows.filter(pc.invert(pc.is_in(rows["row_id"], value_set=ok)))
+
+    def commit(self, shard_id: int, results: pa.Table) -> None:
+        """Write the shard's result: previous ok rows kept, the rest replaced by ``results``.
+
+        Raises AssertionError (a bug, never an input problem) unless every row of the shard
+        appears exactly once.
+        """
+        results = results.cast(RESULT_SCHEMA)
+        previous = self.read_result(shard_id)
+        if previous is not None:
+            kept = previous.filter(pc.and_(
+                pc.equal(previous["status"], "ok"),
+                pc.invert(pc.is_in(previous["row_id"], value_set=results["row_id"]))))
+            results = pa.concat_tables([kept, results])
+        expected = self.read_shard(shard_id)["row_id"].to_pylist()
+        got = sorted(results["row_id"].to_pylist())
+        if got != sorted(expected):
+            missing = sorted(set(expected) - set(got))[:5]
+            extra = len(got) - len(set(got))
+            raise AssertionError(f"shard {shard_id} result would lose rows {missing} or repeat "
+                                 f"{extra}; refusing to commit")
+        results = results.sort_by("row_id")
+        self.storage.put(self._path("results", _shard_name(shard_id)), _parquet_bytes(results))
+
+    def iter_results(self) -> Iterator[pa.Table]:
+        for shard in sorted(self.done_shards()):
+            table = self.read_result(shard)
+            if table is not None:
+                yield table
+
+    def rerun_selection(self, all_failed: bool = False) -> list[int]:
+        """Shards with no result, or with failed rows a rerun could fix."""
+        done = self.done_shards()
+        selected = [s for s in self.shard_ids() if s not in done]
+        for shard in sorted(done):
+            table = self.read_result(shard)
+            if table is None:
+                continue
+            failed = table.filter(pc.equal(table["status"], "failed"))
+            reasons = set(failed["reason"].to_pylist())
+            if reasons - PERMANENT_REASONS or (all_failed and reasons):
+                selected.append(shard)
+        return sorted(selected)
+
+    def status(self) -> JobStatus:
+        job = self.job()
+        ok = failed = 0
+        reasons: dict[str, int] = {}
+        first = last = None
+        done = 0
+        for table in self.iter_results():
+            done += 1
+            status = table["status"]
+            n_ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
+            ok += n_ok
+            failed += table.num_rows - n_ok
+            for reason in table.filter(pc.equal(status, "failed"))["reason"].to_pylist():
+                reasons[reason or "unknown"] = reasons.get(reason or "unknown", 0) + 1
+            finished = table["finished_at"]
+            lo, hi = pc.min(finished).as_py(), pc.max(finished).as_py()
+            if lo is not None:
+                first = lo if first is None else min(first, lo)
+                last = hi if last is None else max(last, hi)
+        throughput = ok / (last - first) if first is not None and last and last > first else None
+        return JobStatus(total=int(job["rows"]), ok=ok, failed=failed,
+                         pending=int(job["rows"]) - ok - failed, shards_done=done,
+                         shards_total=int(job["shards"]), failures_by_reason=reasons,
+                         throughput=throughput, cancel_requested=self.cancel_requested())
+
+    # -- cancel --------------------------------------------------------------------------------
+
+    def request_cancel(self) -> None:
+        self.job()  # refuse to cancel a job root that holds no job
+        self.storage.put(self._path("cancel"), str(time.time()).encode())
+
+    def cancel_requested(self) -> bool:
+        return self.storage.exists(self._path("cancel"))
+
+    def clear_cancel(self) -> None:
+        self.storage.delete(self._path("cancel"))
+
+
+def list_jobs(storage: Storage, destination: str) -> list[dict[str, Any]]:
+    """Every job recorded under DESTINATION/_deblur/, oldest first, with its counts."""
+    root = as_folder(destination) + "_deblur/"
+    jobs = []
+    try:
+        infos = [i for i in storage.list(root, (".json",)) if i.key.endswith("/job.json")
+                 and i.key.count("/") == 1]
+    except NotFoundError:
+        return []
+    for info in infos:
+        ledger = Ledger(storage, info.uri[: -len("job.json")])
+        job = ledger.job()
+        jobs.append({"job_id": job["job_id"], "job_root": ledger.job_root,
+                     "created_at": job["created_at"], "source": job["source"],
+                     "rows": job["rows"], "shards": job["shards"],
+                     "shards_done": len(ledger.done_shards())})
+    return sorted(jobs, key=lambda j: j["created_at"])

@@ -1,0 +1,377 @@
+"""The driver: an autoscaling pool of worker actors fed shard by shard.
+
+It does no image work. It plans the job through the ledger (or opens an existing one), then
+keeps between ``min_workers`` and ``max_workers`` actors alive: it asks for more while shards
+wait (pending GPU actors are what the Ray autoscaler turns into GPU nodes) and retires actors
+idle for ``idle_timeout_s``. Each actor has up to ``shards_per_worker`` shards in flight. When
+an actor or its node dies, its shards go back to the queue with the attempt count raised; after
+``max_attempts`` the shard's pending rows are committed as failed with the reason. Every
+decision reads and writes the ledger only, so a driver restarted on the same job root resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.ledger import RESULT_SCHEMA, Ledger
+
+log = logging.getLogger("pipeline.scheduler")
+
+# Errors that mean "the actor (or its node) is gone": the shard is retried elsewhere.
+_LOST = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
+         "NodeDiedError", "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError")
+
+
+@dataclass
+class ActorSlot:
+    """Driver-side view of one worker actor."""
+
+    handle: Any
+    name: str
+    ready_ref: Any | None
+    in_flight: dict[Any, tuple[int, int]] = field(default_factory=dict)  # ref -> shard, attempt
+    idle_since: float = field(default_factory=time.monotonic)
+    worker_id: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_ref is None
+
+
+@dataclass
+class Progress:
+    """What the driver knows so far; passed to the progress callback after every event."""
+
+    shards_total: int
+    shards_done: int = 0
+    rows_total: int = 0
+    rows_done: int = 0
+    ok: int = 0
+    failed: int = 0
+    retries: int = 0
+    workers_active: int = 0
+    workers_pending: int = 0
+    started: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.rows_done / elapsed if elapsed > 0 else 0.0
+
+
+class Scheduler:
+    """Dispatches the ledger's pending shards to worker actors until none is left.
+
+    Args:
+        config: the job's configuration (pool sizes, retries, worker resources).
+        ledger: the job's ledger; the source of truth for what is left to do.
+        on_progress: called after every shard event (progress bars, metrics).
+        actor_class: the Ray actor class; tests and benches substitute a simulated worker.
+    """
+
+    def __init__(self, config: JobConfig, ledger: Ledger,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 actor_class: Any | None = None) -> None:
+        import ray
+
+        from pipeline.worker import WorkerActor
+
+        self.ray = ray
+        self.config = config
+        self.ledger = ledger
+        self.on_progress = on_progress or (lambda progress: None)
+        sched = config.scheduler
+        actor = actor_class or ray.remote(WorkerActor)
+        self.actor_options = actor.options(
+            num_gpus=config.worker.gpus_per_worker, num_cpus=config.worker.cpus_per_worker,
+            max_concurrency=sched.shards_per_worker + 1,  # +1: ready() never waits on a shard
+            max_restarts=0,
+        )
+        self.actors: dict[str, ActorSlot] = {}
+        self.refs: dict[Any, str] = {}  # process/ready ref -> actor name
+        self.queue: deque[tuple[int, int]] = deque()
+        self.next_actor = 0
+        self.config_dict = config.to_dict()
+
+    # -- public ----------------------------------------------------------------------------
+
+    def run(self, shards: list[int], rows_total: int) -> Progress:
+        """Process ``shards`` (pending ones, chosen by the caller through the ledger)."""
+        progress = Progress(shards_total=len(shards), rows_total=rows_total)
+        self.queue.extend((shard, 1) for shard in shards)
+        last_cancel_check = 0.0
+        try:
+            while self.queue or self._in_flight():
+                if time.monotonic() - last_cancel_check > 2.0:
+                    last_cancel_check = time.monotonic()
+                    if self.ledger.cancel_requested():
+                        log.warning("cancel requested: stopping dispatch")
+                        progress.cancelled = True
+                        break
+                self._scale()
+                self._dispatch()
+                self._wait(progress)
+                progress.workers_active = sum(s.ready for s in self.actors.values())
+                progress.workers_pending = len(self.actors) - progress.workers_active
+                self.on_progress(progress)
+        except KeyboardInterrupt:
+            progress.cancelled = True
+            log.warning("interrupted: stopping; `deblur run --resume` or `deblur rerun` "
+                        "finishes the job")
+        finally:
+            self.shutdown()
+        return progress
+
+    def shutdown(self) -> None:
+        for slot in list(self.actors.values()):
+            self._retire(slot)
+
+    # -- pool ------------------------------------------------------------------------------
+
+    def _in_flight(self) -> int:
+        return sum(len(s.in_flight) for s in self.actors.values())
+
+    def _scale(self) -> None:
+        sched = self.config.scheduler
+        wanted = math.ceil((len(self.queue) + self._in_flight()) / sched.shards_per_worker)
+        target = min(sched.max_workers, max(sched.min_workers, wanted))
+        while len(self.actors) < target:
+            self._spawn()
+        now = time.monotonic()
+        for slot in list(self.actors.values()):
+            idle = slot.ready and not slot.in_flight and not self.queue
+            if (idle and len(self.actors) > sched.min_workers
+                    and now - slot.idle_since >= sched.idle_timeout_s):
+                log.info("retiring idle worker %s", slot.worker_id or slot.name)
+                self._retire(slot)
+
+    def _spawn(self) -> None:
+        name = f"worker-{self.next_actor}"
+        self.next_actor += 1
+        handle = self.actor_options.remote(self.config_dict)
+        ready_ref = handle.ready.remote()
+        self.actors[name] = ActorSlot(handle=handle, name=name, ready_ref=ready_ref)
+        self.refs[ready_ref] = name
+
+    def _retire(self, slot: ActorSlot) -> None:
+        self.actors.pop(slot.name, None)
+        for ref in [r for r, n in self.refs.items() if n == slot.name]:
+            self.refs.pop(ref)
+        try:
+            self.ray.kill(slot.handle, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - already dead with its node
+            log.debug("kill of %s: %s", slot.name, exc)
+
+    # -- dispatch and completion -----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        per_actor = self.config.scheduler.shards_per_worker
+        # Least-loaded first, so a new actor gets work before an old one gets its second shard.
+        for slot in sorted(self.actors.values(), key=lambda s: len(s.in_flight)):
+            while slot.ready and self.queue and len(slot.in_flight) < per_actor:
+                shard, attempt = self.queue.popleft()
+                ref = slot.handle.process.remote(self.ledger.job_root, shard, attempt)
+                slot.in_flight[ref] = (shard, attempt)
+                self.refs[ref] = slot.name
+
+    def _wait(self, progress: Progress) -> None:
+        if not self.refs:
+            time.sleep(0.05)
+            return
+        done, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=0.5)
+        for ref in done:
+            name = self.refs.pop(ref, None)
+            slot = self.actors.get(name) if name else None
+            if slot is None:
+                continue
+            if ref is slot.ready_ref:
+                self._on_ready(slot, ref)
+            else:
+                self._on_shard(slot, ref, progress)
+
+    def _on_ready(self, slot: ActorSlot, ref: Any) -> None:
+        try:
+            slot.worker_id = self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            self._retire(slot)
+            if "creation task" in str(exc) or not _is_lost(exc):
+                # The constructor itself raised (bad weights, no GPU, …): every new actor
+                # would do the same, so fail the job now with the worker's own message.
+                raise WorkerStartError(f"a worker failed to start: {_first_line(exc)}") from exc
+            log.warning("worker %s lost before it started: %s", slot.name, _first_line(exc))
+            return
+        slot.ready_ref = None
+        slot.idle_since = time.monotonic()
+        log.info("worker %s ready", slot.worker_id)
+
+    def _on_shard(self, slot: ActorSlot, ref: Any, progress: Progress) -> None:
+        shard, attempt = slot.in_flight.pop(ref)
+        if not slot.in_flight:
+            slot.idle_since = time.monotonic()
+        try:
+            report = self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _is_lost(exc):
+                log.warning("worker %s lost with shard %d (attempt %d): %s",
+                            slot.worker_id or slot.name, shard, attempt, _first_line(exc))
+                # The actor is gone: every shard it held goes back, not only this one.
+                orphans = [(shard, attempt)] + list(slot.in_flight.values())
+                self._retire(slot)
+                for lost_shard, lost_attempt in orphans:
+                    self._retry_or_fail(lost_shard, lost_attempt, "worker_lost", exc, progress)
+            else:
+                log.error("shard %d failed on attempt %d: %s", shard, attempt, _first_line(exc))
+                self._retry_or_fail(shard, attempt, "shard_error", exc, progress)
+            return
+        progress.shards_done += 1
+        progress.rows_done += report["rows"]
+        progress.ok += report["ok"]
+        progress.failed += report["failed"]
+
+    def _retry_or_fail(self, shard: int, attempt: int, reason: str, exc: Exception,
+                       progress: Progress) -> None:
+        if attempt < self.config.scheduler.max_attempts:
+            progress.retries += 1
+            self.queue.append((shard, attempt + 1))
+            return
+        rows = self._fail_shard(shard, attempt, reason, _first_line(exc))
+        progress.shards_done += 1
+        progress.rows_done += rows
+        progress.failed += rows
+
+    def _fail_shard(self, shard: int, attempt: int, reason: str, detail: str) -> int:
+        """Commit the shard's pending rows as failed after its last attempt."""
+        pending = self.ledger.pending_rows(shard).to_pylist()
+        now = time.time()
+        rows = []
+        for row in pending:
+            failed = {name: None for name in RESULT_SCHEMA.names}
+            failed.update(row_id=row["row_id"], key=row["key"], output_key=row["output_key"],
+                          status="failed", reason=reason, attempt=attempt, worker="driver",
+                          finished_at=now,
+                          error=f"{row['key']}: shard {shard} gave up after {attempt} "
+                                f"attempts: {detail}")
+            rows.append(failed)
+        self.ledger.commit(shard, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+        return len(rows)
+
+
+class WorkerStartError(RuntimeError):
+    """No worker could start (its constructor raised: bad weights, no GPU, …)."""
+
+
+def _is_lost(exc: BaseException) -> bool:
+    """The actor or its node is gone (as opposed to an exception raised by our code)."""
+    return any(cls.__name__ in _LOST for cls in type(exc).__mro__)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    # RayTaskError repeats a traceback; its last line holds the original message.
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+@dataclass
+class JobOutcome:
+    """What a finished (or stopped) driver run leaves: the job root and the ledger's totals."""
+
+    job_root: str
+    progress: Progress
+    status: Any  # ledger.JobStatus
+
+    @property
+    def complete(self) -> bool:
+        return self.status.pending == 0
+
+
+def start_ray(config: JobConfig) -> None:
+    """Connect to ``scheduler.address`` or start Ray in-process (the embedded default).
+
+    In-process on a machine without CUDA, Ray gets logical GPUs so the same actors (asking for
+    ``gpus_per_worker``) schedule as they would on a GPU node, and run on the CPU.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    sched = config.scheduler
+    if sched.address:
+        ray.init(address=sched.address, log_to_driver=True)
+        return
+    import os
+
+    import torch
+
+    num_gpus = sched.ray_num_gpus
+    if num_gpus is None and not torch.cuda.is_available():
+        num_gpus = math.ceil(sched.max_workers * config.worker.gpus_per_worker)
+    cpus = max(os.cpu_count() or 1,
+               math.ceil(sched.max_workers * config.worker.cpus_per_worker) + 1)
+    # address="local": always a fresh instance, never a cluster some `ray start` left behind.
+    ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
+             log_to_driver=True, configure_logging=False)
+
+
+def _weights_info(config: JobConfig) -> dict[str, Any]:
+    """Model name and the weights' sha256, recorded in job.json (read once by the driver)."""
+    import hashlib
+
+    from pipeline.model.weights import read_bytes
+
+    model = config.model
+    if model.random_weights:
+        return {"name": model.name, "weights": None, "weights_sha256": None,
+                "random_weights": True}
+    digest = hashlib.sha256(read_bytes(model.weights or "")).hexdigest()
+    return {"name": model.name, "weights": model.weights, "weights_sha256": digest,
+            "random_weights": False}
+
+
+def open_or_plan(config: JobConfig, storage: Any, *, resume: bool) -> Ledger:
+    """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``."""
+    from pipeline.errors import ConfigError
+    from pipeline.ledger import default_job_root, new_job_id
+
+    if config.job_root and storage.exists(config.job_root.rstrip("/") + "/job.json"):
+        if not resume:
+            raise ConfigError(
+                f"a job already exists at {config.job_root}: pass --resume to finish it, or "
+                f"`deblur rerun {config.job_root}` to retry its failed rows")
+        return Ledger.open(storage, config.job_root)
+    if resume and config.job_root is None:
+        raise ConfigError("--resume needs --job-root: the job to resume")
+    job_id = new_job_id()
+    if config.job_root is None:
+        from dataclasses import replace
+
+        config = replace(config, job_root=default_job_root(config.destination, job_id))
+    return Ledger.create(storage, config, job_id=job_id, model_info=_weights_info(config))
+
+
+def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
+            on_progress: Callable[[Progress], None] | None = None,
+            actor_class: Any | None = None) -> JobOutcome:
+    """Run ``shards`` (about ``rows`` images) on Ray, then write summary.json from the ledger."""
+    import json
+
+    start_ray(config)
+    progress = Scheduler(config, ledger, on_progress, actor_class).run(shards, rows)
+    status = ledger.status()
+    summary = status.to_dict()
+    summary["run"] = {"seconds": time.monotonic() - progress.started,
+                      "images_per_s": progress.images_per_s, "retries": progress.retries,
+                      "cancelled": progress.cancelled}
+    ledger.storage.put(ledger.job_root.rstrip("/") + "/summary.json",
+                       json.dumps(summary, indent=2, default=str).encode())
+    return JobOutcome(job_root=ledger.job_root, progress=progress, status=status)

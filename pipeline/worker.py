@@ -1,0 +1,297 @@
+"""The worker: one model replica and the per-shard I/O + compute pipeline.
+
+    shard rows ─► fetch+decode pool ─► bounded queue ─► engine thread ─► encode+upload pool
+                  (io_threads)         (prefetch)       batcher+model     (io_threads)
+                                                                            │ per-row result
+    shard result (ledger.commit) ◄── every row of the shard has a result ◄──┘
+
+The engine thread is the only code that touches the model (and so the GPU). It batches images
+from every shard in flight, so while batch k runs, batch k+1 is being decoded and k-1 encoded,
+and a second shard dispatched to the same actor fills the pipeline while the first drains: the
+GPU does not idle at shard boundaries. A bad image is a failed result row, never an exception
+out of ``process``; a shard's result is committed only after all its uploads finished.
+
+``ShardProcessor`` is plain Python (tests run it without Ray); ``WorkerActor`` wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import codec
+from pipeline.batching import Batch, DynamicBatcher
+from pipeline.config import JobConfig
+from pipeline.errors import ImageError, NotFoundError, PipelineError, StorageError
+from pipeline.ledger import RESULT_SCHEMA, Ledger
+from pipeline.storage import Storage, get_storage
+
+log = logging.getLogger("pipeline.worker")
+
+
+@dataclass
+class Item:
+    """One image on its way through the pipeline (and, at the end, its result row)."""
+
+    row: dict[str, Any]
+    done: Future[dict[str, Any]]
+    image: codec.DecodedImage | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    bytes_in: int = 0
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class Engine:
+    """The thread that owns the model: batches decoded items and runs them.
+
+    Args:
+        infer: same-dtype pixels (and the bucket shape) -> deblurred pixels.
+        config: job configuration (batching and tiling).
+        on_output: called with (item, output pixels) for each finished image.
+        on_error: called with (item, exception) when inference failed for it.
+    """
+
+    def __init__(self, infer: Callable[[list[np.ndarray], tuple[int, int] | None],
+                                       list[np.ndarray]],
+                 config: JobConfig,
+                 on_output: Callable[[Item, np.ndarray], None],
+                 on_error: Callable[[Item, Exception], None]) -> None:
+        self.infer = infer
+        self.inbox: queue.Queue[Item] = queue.Queue(maxsize=config.worker.prefetch)
+        self.batcher: DynamicBatcher[Item] = DynamicBatcher(config.batch,
+                                                            config.model.tile_pixels)
+        self.on_output, self.on_error = on_output, on_error
+        self.decoding = 0  # items submitted for decode but not yet in the inbox
+        self.lock = threading.Lock()
+        self.batches = 0
+        self.busy_s = 0.0
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    def expect(self, count: int) -> None:
+        """``count`` more items are being decoded: worth waiting for before a partial batch."""
+        with self.lock:
+            self.decoding += count
+
+    def arrived(self) -> None:
+        with self.lock:
+            self.decoding -= 1
+
+    def _loop(self) -> None:
+        while True:
+            deadline = self.batcher.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            ready: list[Batch[Item]] = []
+            if item is not None:
+                assert item.image is not None
+                pixels = item.image.pixels
+                ready += self.batcher.add(item, pixels.shape[0], pixels.shape[1],
+                                          str(pixels.dtype))
+            ready += self.batcher.poll()
+            with self.lock:
+                starving = self.decoding == 0 and self.inbox.empty()
+            if starving:  # nothing more is coming soon: do not sit on a partial batch
+                ready += self.batcher.flush()
+            for batch in ready:
+                self._run(batch)
+
+    def _run(self, batch: Batch[Item]) -> None:
+        start = time.perf_counter()
+        images = [item.image.pixels for item in batch.items]  # type: ignore[union-attr]
+        try:
+            outputs = self.infer(images, None if batch.tiled else batch.shape)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: retry images alone
+            if len(batch.items) == 1:
+                self.on_error(batch.items[0], exc)
+                return
+            log.warning("batch of %d failed (%s); retrying one by one", len(batch.items), exc)
+            for item in batch.items:
+                self._run(Batch(items=[item], shape=batch.shape, dtype=batch.dtype,
+                                tiled=batch.tiled, created=batch.created,
+                                closed_reason="retry"))
+            return
+        elapsed = _ms(start)
+        self.batches += 1
+        self.busy_s += elapsed / 1000.0
+        for item, output in zip(batch.items, outputs):
+            item.timings["infer_ms"] = elapsed / len(batch.items)
+            self.on_output(item, output)
+
+
+class ShardProcessor:
+    """Runs shards through fetch -> decode -> batch -> model -> encode -> upload -> commit.
+
+    Args:
+        config: the job's configuration.
+        infer: the model call (``Deblurrer.deblur`` or a stand-in such as an identity for
+            measuring the pipeline's own overhead).
+        worker_id: recorded in every result row.
+        storage: defaults to the process-wide client for ``config.storage``.
+    """
+
+    def __init__(self, config: JobConfig,
+                 infer: Callable[[list[np.ndarray], tuple[int, int] | None], list[np.ndarray]],
+                 worker_id: str, storage: Storage | None = None) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.storage = storage or get_storage(config.storage)
+        threads = config.worker.io_threads
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
+        self.encode_pool = ThreadPoolExecutor(threads, thread_name_prefix="upload")
+        # Bounds decoded-but-not-uploaded images so a slow store cannot fill memory.
+        self.encode_slots = threading.BoundedSemaphore(config.worker.prefetch + threads)
+        self.engine = Engine(infer, config, self._on_output, self._on_infer_error)
+
+    # -- per shard -------------------------------------------------------------------------
+
+    def process(self, job_root: str, shard_id: int, attempt: int) -> dict[str, Any]:
+        """Process the shard's pending rows and commit its result; returns a small report."""
+        start = time.perf_counter()
+        ledger = Ledger(self.storage, job_root)
+        rows = ledger.pending_rows(shard_id).to_pylist()
+        previous = ledger.read_result(shard_id)
+        tries = {} if previous is None else dict(zip(previous["row_id"].to_pylist(),
+                                                     previous["attempt"].to_pylist()))
+        items = [self._start(row, attempt + (tries.get(row["row_id"]) or 0)) for row in rows]
+        results = [item.done.result() for item in items]
+        ledger.commit(shard_id, pa.Table.from_pylist(results, schema=RESULT_SCHEMA))
+        ok = sum(r["status"] == "ok" for r in results)
+        return {"shard": shard_id, "rows": len(results), "ok": ok, "failed": len(results) - ok,
+                "seconds": time.perf_counter() - start, "worker": self.worker_id,
+                "attempt": attempt}
+
+    def _start(self, row: dict[str, Any], attempt: int) -> Item:
+        base = {name: None for name in RESULT_SCHEMA.names}
+        base.update(row_id=row["row_id"], key=row["key"], output_key=row["output_key"],
+                    attempt=attempt, worker=self.worker_id)
+        item = Item(row=base, done=Future())
+        if row.get("error"):  # a planning-time problem (hostile key, duplicate, collision)
+            reason, _, message = row["error"].partition(": ")
+            self._fail(item, ImageError(reason, message or row["error"]))
+            return item
+        self.engine.expect(1)
+        self.decode_pool.submit(self._fetch_decode, item)
+        return item
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _fetch_decode(self, item: Item) -> None:
+        key = item.row["key"]
+        try:
+            start = time.perf_counter()
+            data = self.storage.get(key)
+            item.timings["fetch_ms"] = _ms(start)
+            item.bytes_in = len(data)
+            start = time.perf_counter()
+            item.image = codec.decode(data, key, self.config.codec)
+            item.timings["decode_ms"] = _ms(start)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this row's reason
+            self.engine.arrived()
+            self._fail(item, exc)
+            return
+        self.engine.inbox.put(item)  # blocks when the engine is behind: backpressure
+        self.engine.arrived()
+
+    def _on_output(self, item: Item, output: np.ndarray) -> None:
+        self.encode_slots.acquire()
+        future = self.encode_pool.submit(self._encode_upload, item, output)
+        future.add_done_callback(lambda _: self.encode_slots.release())
+
+    def _on_infer_error(self, item: Item, exc: Exception) -> None:
+        self._fail(item, ImageError("inference_failed", f"{item.row['key']}: {exc}"))
+
+    def _encode_upload(self, item: Item, output: np.ndarray) -> None:
+        assert item.image is not None
+        try:
+            start = time.perf_counter()
+            data = codec.encode(item.image, output, self.config.codec)
+            item.timings["encode_ms"] = _ms(start)
+            start = time.perf_counter()
+            self.storage.put(item.row["output_key"], data)
+            item.timings["upload_ms"] = _ms(start)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, StorageError):
+                exc = ImageError("upload_failed", f"{item.row['output_key']}: {exc}")
+            self._fail(item, exc)
+            return
+        row = item.row
+        row.update(status="ok", width=item.image.width, height=item.image.height,
+                   bytes_in=item.bytes_in, bytes_out=len(data), finished_at=time.time(),
+                   **item.timings)
+        item.image = None  # free the pixels before the shard finishes
+        item.done.set_result(row)
+
+    def _fail(self, item: Item, exc: BaseException) -> None:
+        reason, message = describe_failure(item.row["key"], exc)
+        row = item.row
+        row.update(status="failed", reason=reason, error=message, bytes_in=item.bytes_in or None,
+                   finished_at=time.time(), **item.timings)
+        if item.image is not None:
+            row.update(width=item.image.width, height=item.image.height)
+            item.image = None
+        item.done.set_result(row)
+
+
+def describe_failure(key: str, exc: BaseException) -> tuple[str, str]:
+    """(reason class, one-line message naming the image) for a failed row."""
+    if isinstance(exc, ImageError):
+        reason = exc.reason
+        message = str(exc.args[0])
+    elif isinstance(exc, NotFoundError):
+        reason, message = "not_found", f"{key}: input object does not exist"
+    elif isinstance(exc, StorageError):
+        reason, message = "fetch_failed", str(exc)
+    elif isinstance(exc, PipelineError):
+        reason, message = type(exc).__name__, str(exc)
+    else:
+        reason, message = "internal_error", f"{type(exc).__name__}: {exc}"
+    message = " ".join(message.split())  # one line, whatever the exception carried
+    return reason, message if key in message else f"{key}: {message}"
+
+
+def build_processor(config: JobConfig, worker_id: str) -> ShardProcessor:
+    """Load the model once and wrap it in a processor (the actor's constructor body)."""
+    from pipeline.inference import Deblurrer
+    from pipeline.model import load_model
+
+    model, _ = load_model(config.model)
+    deblurrer = Deblurrer(model, config.model)
+    return ShardProcessor(config, deblurrer.deblur, worker_id)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WorkerActor:
+    """Ray actor body (decorated in ``scheduler``): one replica, several shards in flight."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from pipeline.config import from_dict
+
+        logging.basicConfig(level=logging.INFO)
+        self.processor = build_processor(from_dict(config), worker_name())
+
+    def ready(self) -> str:
+        return self.processor.worker_id
+
+    def process(self, job_root: str, shard_id: int, attempt: int) -> dict[str, Any]:
+        return self.processor.process(job_root, shard_id, attempt)

@@ -167,6 +167,10 @@ class Ledger:
             storage.put_if_absent(ledger._path("job.json"),
                                   json.dumps(job, indent=2, default=str).encode())
         except AlreadyExistsError:
+            # A retried conditional PUT can find its own first attempt (the reply was lost).
+            if json.loads(storage.get(ledger._path("job.json"))).get("job_id") == job_id:
+                ledger._job = job
+                return ledger
             raise ConfigError(f"another driver planned a job at {ledger.job_root} at the same "
                               f"time; use a different --job-root") from None
         ledger._job = job

@@ -1,0 +1,77 @@
+"""Storage and a whole shard pipeline through a proxy that throttles and resets connections."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import config as config_mod
+from pipeline.config import StorageConfig
+from pipeline.errors import ThrottledError
+from pipeline.ledger import Ledger
+from pipeline.storage import Storage, join
+from pipeline.worker import ShardProcessor
+from tests.faultproxy import FaultProxy
+
+SECRET = "testing-secret-never-shown"
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_retries_absorb_throttles_and_resets_and_are_logged(
+        fault_proxy: FaultProxy, s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = Storage(StorageConfig(endpoint_url=fault_proxy.url, retry_mode="standard",
+                                  max_attempts=10))
+    with caplog.at_level(logging.WARNING, "pipeline.storage"):
+        for i in range(40):
+            uri = join(s3_bucket, f"k/{i}")
+            store.put(uri, str(i).encode())
+            assert store.get(uri) == str(i).encode()
+        assert len(list(store.list(s3_bucket + "/k"))) == 40
+    assert fault_proxy.throttled >= 3 and fault_proxy.reset >= 3
+    assert store.retries >= fault_proxy.throttled + fault_proxy.reset - 2
+    assert "retrying" in caplog.text and SECRET not in caplog.text
+
+
+def test_throttled_after_every_retry_is_a_typed_error(
+        fault_proxy: FaultProxy, s3_bucket: str) -> None:
+    fault_proxy.throttle_all = True
+    store = Storage(StorageConfig(endpoint_url=fault_proxy.url, retry_mode="standard",
+                                  max_attempts=2))
+    with pytest.raises(ThrottledError, match=f"{s3_bucket}/x") as info:
+        store.get(s3_bucket + "/x")
+    assert "SlowDown" in str(info.value) and SECRET not in str(info.value)
+
+
+def test_job_through_faults_accounts_every_row_once(
+        fault_proxy: FaultProxy, s3_bucket: str, storage: Storage) -> None:
+    for i in range(30):
+        storage.put(f"{s3_bucket}/in/{i:02d}.jpg", _jpeg(i))
+    storage.put(f"{s3_bucket}/in/broken.jpg", b"not a jpeg")
+    job = config_mod.load(None, {
+        "source": f"{s3_bucket}/in", "destination": f"{s3_bucket}/out",
+        "job_root": f"{s3_bucket}/jobs/j1", "shard_size": 8, "model.random_weights": True,
+        "storage.endpoint_url": fault_proxy.url, "storage.retry_mode": "standard",
+        "worker.io_threads": 4})
+    flaky = Storage(job.storage)
+    ledger = Ledger.create(flaky, job, job_id="j1", model_info={})
+    processor = ShardProcessor(job, lambda imgs, shape: [i.copy() for i in imgs], "w0", flaky)
+    for shard in ledger.shard_ids():
+        processor.process(ledger.job_root, shard, 1)
+    rows = [r for s in ledger.shard_ids() for r in ledger.read_result(s).to_pylist()]
+    assert sorted(r["row_id"] for r in rows) == list(range(31))
+    status = {r["key"].rsplit("/", 1)[1]: r["status"] for r in rows}
+    assert status.pop("broken.jpg") == "failed" and set(status.values()) == {"ok"}
+    assert flaky.retries > 0 and fault_proxy.throttled > 0 and fault_proxy.reset > 0
+    for row in rows:
+        if row["status"] == "ok":
+            assert storage.head(row["output_key"]).size == row["bytes_out"]

@@ -183,7 +183,7 @@ def _to_pil(image: DecodedImage, pixels: np.ndarray, fmt: str) -> Image.Image:
     if pixels.dtype == np.uint16:
         grey16 = pixels.astype(np.float32).mean(axis=2).round().astype(np.uint16)
         if fmt in _SIXTEEN_BIT_FORMATS:
-            return Image.fromarray(grey16, "I;16")
+            return Image.fromarray(grey16)  # uint16 -> I;16
         return Image.fromarray((grey16 >> 8).astype(np.uint8), "L")
     if image.grey:
         out = Image.fromarray(pixels.astype(np.float32).mean(axis=2).round().astype(np.uint8),

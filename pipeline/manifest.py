@@ -186,8 +186,10 @@ def _no_key_column(source: str, names: list[str]) -> str:
 
 def _normalise(batch: pa.RecordBatch, source: str) -> pa.RecordBatch:
     names = batch.schema.names
-    column = "key" if "key" in names and batch.column("key").null_count < batch.num_rows else (
-        "uri" if "uri" in names else "key" if "key" in names else None)
+    # JSONL parsed with a fixed schema has every column; one that is all null is absent.
+    present = [c for c in KEY_COLUMNS
+               if c in names and batch.column(c).null_count < batch.num_rows]
+    column = present[0] if present else None
     if column is None:
         raise ManifestError(_no_key_column(source, names))
     keys = batch.column(column).cast(pa.string())

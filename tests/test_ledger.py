@@ -1,0 +1,115 @@
+"""The ledger on moto S3 and local folders: planning, commit merges, status, rerun, cancel."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipeline import config as config_mod
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.ledger import RESULT_SCHEMA, Ledger, default_job_root, list_jobs
+from pipeline.storage import Storage, join
+
+
+@pytest.fixture(params=["s3", "local"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "s3":
+        return request.getfixturevalue("s3_bucket")
+    return str(tmp_path)
+
+
+def _create(storage: Storage, root: str, count: int, shard_size: int = 4,
+            job_id: str = "j1") -> Ledger:
+    for i in range(count):
+        storage.put(join(root, f"in/{i:02d}.jpg"), b"x")
+    job = config_mod.load(None, {"source": join(root, "in"), "destination": join(root, "out"),
+                                 "job_root": default_job_root(join(root, "out"), job_id),
+                                 "shard_size": shard_size, "model.random_weights": True})
+    return Ledger.create(storage, job, job_id=job_id, model_info={"name": "mimo-unet"})
+
+
+def _result(rows: pa.Table, status: dict[int, str], attempt: int = 1) -> pa.Table:
+    out = []
+    for row in rows.to_pylist():
+        s = status.get(row["row_id"], "ok")
+        out.append({"row_id": row["row_id"], "key": row["key"], "status": s,
+                    "reason": None if s == "ok" else "not_found",
+                    "error": None if s == "ok" else f"{row['key']}: gone",
+                    "attempt": attempt, "finished_at": time.time()})
+    return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+def test_plan_commit_status_and_rerun(storage: Storage, root: str) -> None:
+    ledger = _create(storage, root, 10)
+    assert ledger.shard_ids() == [0, 1, 2] and ledger.job()["rows"] == 10
+    assert ledger.read_shard(2).num_rows == 2
+    status = ledger.status()
+    assert (status.total, status.ok, status.pending, status.shards_done) == (10, 0, 10, 0)
+    ledger.commit(0, _result(ledger.pending_rows(0), {1: "failed"}))
+    ledger.commit(1, _result(ledger.pending_rows(1), {}))
+    status = ledger.status()
+    assert (status.ok, status.failed, status.pending) == (7, 1, 2)
+    assert status.failures_by_reason == {"not_found": 1} and ledger.done_shards() == {0, 1}
+    assert ledger.rerun_selection() == [0, 2]
+    # A rerun of shard 0 processes only the failed row and keeps the ok ones as they were.
+    pending = ledger.pending_rows(0)
+    assert pending["row_id"].to_pylist() == [1]
+    before = {r["row_id"]: r["finished_at"] for r in ledger.read_result(0).to_pylist()}
+    ledger.commit(0, _result(pending, {}, attempt=2))
+    after = {r["row_id"]: r for r in ledger.read_result(0).to_pylist()}
+    assert sorted(after) == [0, 1, 2, 3] and after[1]["attempt"] == 2
+    assert all(after[i]["finished_at"] == before[i] for i in (0, 2, 3))
+    ledger.commit(2, _result(ledger.pending_rows(2), {}))
+    final = Ledger.open(storage, ledger.job_root).status()
+    assert (final.ok, final.failed, final.pending, final.complete) == (10, 0, 0, True)
+    assert ledger.rerun_selection() == []
+
+
+def test_commit_refuses_to_lose_or_repeat_rows(storage: Storage, root: str) -> None:
+    ledger = _create(storage, root, 4)
+    rows = ledger.pending_rows(0)
+    with pytest.raises(AssertionError, match="lose rows"):
+        ledger.commit(0, _result(rows.slice(0, 3), {}))
+    with pytest.raises(AssertionError):
+        ledger.commit(0, _result(pa.concat_tables([rows, rows.slice(0, 1)]), {}))
+    assert ledger.read_result(0) is None
+
+
+def test_permanent_failures_are_not_rerun(storage: Storage, root: str) -> None:
+    ledger = _create(storage, root, 2, shard_size=2)
+    table = _result(ledger.pending_rows(0), {0: "failed"}).to_pylist()
+    table[0]["reason"] = "invalid_key"
+    ledger.commit(0, pa.Table.from_pylist(table, schema=RESULT_SCHEMA))
+    assert ledger.rerun_selection() == [] and ledger.rerun_selection(all_failed=True) == [0]
+
+
+def test_a_second_job_at_the_same_root_is_refused(storage: Storage, root: str) -> None:
+    ledger = _create(storage, root, 2)
+    with pytest.raises(ConfigError, match="already exists"):
+        Ledger.create(storage, ledger.config(), job_id="other", model_info={})
+
+
+def test_open_missing_job_and_empty_source(storage: Storage, root: str) -> None:
+    with pytest.raises(ConfigError, match="no job at"):
+        Ledger.open(storage, join(root, "nothing"))
+    storage.put(join(root, "empty/readme.txt"), b"x")
+    job = config_mod.load(None, {"source": join(root, "empty"), "destination": join(root, "o"),
+                                 "job_root": join(root, "o/_deblur/x"),
+                                 "model.random_weights": True})
+    with pytest.raises(ManifestError, match="lists no images"):
+        Ledger.create(storage, job, job_id="x", model_info={})
+
+
+def test_cancel_flag_and_list_jobs(storage: Storage, root: str) -> None:
+    first = _create(storage, root, 3, job_id="20260101-000000-aaaaaa")
+    assert not first.cancel_requested()
+    first.request_cancel()
+    assert first.cancel_requested() and first.status().cancel_requested
+    first.clear_cancel()
+    assert not first.cancel_requested()
+    jobs = list_jobs(storage, join(root, "out"))
+    assert [j["job_id"] for j in jobs] == ["20260101-000000-aaaaaa"]
+    assert jobs[0]["rows"] == 3 and jobs[0]["shards_done"] == 0

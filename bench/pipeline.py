@@ -48,7 +48,7 @@ class IdentityWorker(WorkerActor):
 def make_inputs(storage: Storage, prefix: str, count: int, width: int, height: int) -> list[str]:
     encoded = []
     for i in range(min(count, 8)):  # a few distinct scenes, repeated: generation is slow
-        blurry = motion_blur(make_scene(width, height, seed=i), length=9, angle_deg=20.0 * i)
+        blurry = motion_blur(make_scene(np.random.default_rng(i), height, width), 9, 20.0 * i)
         encoded.append(_jpeg(blurry))
     uris = [f"{prefix}/img{i:04d}.jpg" for i in range(count)]
     with ThreadPoolExecutor(8) as pool:

@@ -96,6 +96,8 @@ def run(
     max_workers: MaxWorkers = None,
     gpus_per_worker: GpusPerWorker = None,
     max_batch: MaxBatch = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Port of the driver's Prometheus /metrics (0: a free one).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Deblur every image of SOURCE into DESTINATION (same relative paths)."""
@@ -106,7 +108,7 @@ def run(
         "shard_size": shard_size, "model.name": model, "model.weights": weights,
         "model.random_weights": random_weights or None, "model.precision": precision,
         "model.tile_pixels": tile_pixels, "codec.output_format": output_format,
-        "codec.quality": quality,
+        "codec.quality": quality, "metrics.port": metrics_port,
         **_pool_overrides(address, min_workers, max_workers, gpus_per_worker, max_batch),
     }
     job = _guard(config_mod.load, config, overrides)
@@ -222,21 +224,43 @@ def status(
 
 def _status(job_root: str, as_json: bool) -> None:
     from pipeline.ledger import Ledger
+    from pipeline.metrics import read_latest_snapshot
     from pipeline.storage import get_storage
 
-    state = Ledger.open(get_storage(), job_root).status()
-    data = state.to_dict()
+    ledger = Ledger.open(get_storage(), job_root)
+    data = ledger.status().to_dict()
+    snapshot = read_latest_snapshot(ledger)
+    summary = None
+    if ledger.storage.exists(ledger.job_root + "summary.json"):
+        summary = json.loads(ledger.storage.get(ledger.job_root + "summary.json"))
     if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
+        typer.echo(json.dumps({**data, "last_snapshot": snapshot, "summary": summary},
+                              indent=2, default=str))
         return
-    typer.echo(f"job {job_root}")
+    typer.echo(f"job {ledger.job_root}")
     typer.echo(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "
                f"{data['pending']} pending")
-    typer.echo(f"  shards: {data.get('shards_done')}/{data.get('shards_total')} done")
-    if data.get("throughput"):
-        typer.echo(f"  throughput: {data['throughput']:.2f} images/s")
+    typer.echo(f"  shards: {data['shards_done']}/{data['shards_total']} done")
+    if data.get("throughput_images_per_s"):
+        typer.echo(f"  throughput: {data['throughput_images_per_s']:.2f} images/s "
+                   f"(first to last finished image)")
     for reason, count in sorted(data.get("failures_by_reason", {}).items()):
         typer.echo(f"  failed {reason}: {count}")
+    if snapshot:
+        fill = snapshot.get("mean_batch_fill")
+        typer.echo(f"  last run: {snapshot['images_per_s']:.2f} images/s, "
+                   f"mean batch {snapshot.get('mean_batch_size') or 0:.1f} images"
+                   + (f" ({fill:.0%} filled)" if fill else "")
+                   + f", {snapshot['storage_retries']} storage retries, "
+                   f"{snapshot['retries']} shard retries")
+    if summary and summary.get("latency_ms"):
+        for stage, figures in summary["latency_ms"].items():
+            typer.echo(f"  {stage}: p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f}"
+                       f" ms, p99 {figures['p99_ms']:.1f} ms")
+    if summary and summary.get("quality"):
+        quality = summary["quality"]
+        typer.echo("  quality: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()
+                                              if isinstance(v, (int, float))))
 
 
 @app.command()
@@ -299,6 +323,7 @@ def samples(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline.scheduler").setLevel(logging.INFO)  # workers, metrics URL
     app()
 
 

@@ -188,6 +188,27 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus endpoint on the driver and snapshots under the job root."""
+
+    enabled: bool = True
+    """Serve /metrics from the driver (snapshots to storage are always written)."""
+    host: str = "127.0.0.1"
+    """Bind address; 0.0.0.0 on a cluster so Prometheus can scrape the head pod."""
+    port: int = 9464
+    """Port of /metrics; 0 picks a free one (printed at start)."""
+    snapshot_interval_s: float = 30.0
+    """Seconds between metric snapshots written to <job_root>/metrics/."""
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"metrics.port={self.port}: must be within 0..65535")
+        if self.snapshot_interval_s <= 0:
+            raise ConfigError(
+                f"metrics.snapshot_interval_s={self.snapshot_interval_s}: must be > 0")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Everything one job needs; stored in job.json for provenance and reruns."""
 
@@ -205,12 +226,13 @@ class JobConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> JobConfig:
         if self.shard_size < 1:
             raise ConfigError(f"shard_size={self.shard_size}: must be >= 1")
         for section in (self.model, self.codec, self.storage, self.batch, self.worker,
-                        self.scheduler):
+                        self.scheduler, self.metrics):
             section.validate()
         return self
 

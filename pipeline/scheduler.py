@@ -81,7 +81,7 @@ class Scheduler:
 
     def __init__(self, config: JobConfig, ledger: Ledger,
                  on_progress: Callable[[Progress], None] | None = None,
-                 actor_class: Any | None = None) -> None:
+                 actor_class: Any | None = None, metrics: Any | None = None) -> None:
         import ray
 
         from pipeline.worker import WorkerActor
@@ -90,6 +90,7 @@ class Scheduler:
         self.config = config
         self.ledger = ledger
         self.on_progress = on_progress or (lambda progress: None)
+        self.metrics = metrics  # pipeline.metrics.JobMetrics, or None
         sched = config.scheduler
         actor = actor_class or ray.remote(WorkerActor)
         self.actor_options = actor.options(
@@ -123,6 +124,8 @@ class Scheduler:
                 self._wait(progress)
                 progress.workers_active = sum(s.ready for s in self.actors.values())
                 progress.workers_pending = len(self.actors) - progress.workers_active
+                if self.metrics is not None:
+                    self.metrics.observe_progress(progress, len(self.queue), self._in_flight())
                 self.on_progress(progress)
         except KeyboardInterrupt:
             progress.cancelled = True
@@ -237,17 +240,24 @@ class Scheduler:
         progress.rows_done += report["rows"]
         progress.ok += report["ok"]
         progress.failed += report["failed"]
+        if self.metrics is not None:
+            self.metrics.observe_shard(report)
 
     def _retry_or_fail(self, shard: int, attempt: int, reason: str, exc: Exception,
                        progress: Progress) -> None:
         if attempt < self.config.scheduler.max_attempts:
             progress.retries += 1
+            if self.metrics is not None:
+                self.metrics.observe_retry()
             self.queue.append((shard, attempt + 1))
             return
         rows = self._fail_shard(shard, attempt, reason, _first_line(exc))
         progress.shards_done += 1
         progress.rows_done += rows
         progress.failed += rows
+        if self.metrics is not None:
+            self.metrics.observe_shard({"worker": "driver", "ok": 0, "failed": rows,
+                                        "metrics": {"reasons": {reason: rows}}})
 
     def _fail_shard(self, shard: int, attempt: int, reason: str, detail: str) -> int:
         """Commit the shard's pending rows as failed after its last attempt."""
@@ -362,16 +372,48 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool) -> Ledger:
 def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
             on_progress: Callable[[Progress], None] | None = None,
             actor_class: Any | None = None) -> JobOutcome:
-    """Run ``shards`` (about ``rows`` images) on Ray, then write summary.json from the ledger."""
+    """Run ``shards`` (about ``rows`` images) on Ray, then write summary.json from the ledger.
+
+    Metrics are served on ``config.metrics`` while it runs and snapshotted under the job root.
+    """
     import json
 
-    start_ray(config)
-    progress = Scheduler(config, ledger, on_progress, actor_class).run(shards, rows)
-    status = ledger.status()
-    summary = status.to_dict()
-    summary["run"] = {"seconds": time.monotonic() - progress.started,
-                      "images_per_s": progress.images_per_s, "retries": progress.retries,
-                      "cancelled": progress.cancelled}
-    ledger.storage.put(ledger.job_root.rstrip("/") + "/summary.json",
-                       json.dumps(summary, indent=2, default=str).encode())
+    from pipeline.metrics import JobMetrics, SnapshotWriter, latency_percentiles
+
+    job = ledger.job()
+    model = job.get("model") or {}
+    metrics = JobMetrics(job["job_id"], config.model.name, model.get("weights_sha256"))
+    if config.metrics.enabled:
+        port = metrics.serve(config.metrics.host, config.metrics.port)
+        if port is not None:
+            log.info("metrics: http://%s:%d/metrics", config.metrics.host, port)
+    snapshots = SnapshotWriter(ledger, metrics, config.metrics.snapshot_interval_s)
+
+    def progressed(progress: Progress) -> None:
+        snapshots.maybe_write(progress)
+        if on_progress is not None:
+            on_progress(progress)
+
+    try:
+        start_ray(config)
+        scheduler = Scheduler(config, ledger, progressed, actor_class, metrics)
+        progress = scheduler.run(shards, rows)
+        snapshots.maybe_write(progress, force=True)
+        status = ledger.status()
+        summary = status.to_dict()
+        final = metrics.snapshot(progress)
+        summary["run"] = {"seconds": time.monotonic() - progress.started,
+                          "images_per_s": progress.images_per_s, "retries": progress.retries,
+                          "cancelled": progress.cancelled,
+                          "mean_batch_size": final["mean_batch_size"],
+                          "mean_batch_fill": final["mean_batch_fill"],
+                          "storage_retries": final["storage_retries"],
+                          "bytes_in": final["bytes_in"], "bytes_out": final["bytes_out"],
+                          "images_per_s_over_time": snapshots.series}
+        summary["latency_ms"] = latency_percentiles(list(ledger.iter_results()))
+        summary["model"] = model
+        ledger.storage.put(ledger.job_root.rstrip("/") + "/summary.json",
+                           json.dumps(summary, indent=2, default=str).encode())
+    finally:
+        metrics.close()
     return JobOutcome(job_root=ledger.job_root, progress=progress, status=status)

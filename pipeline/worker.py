@@ -55,6 +55,15 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+def _fill(batch: Batch[Item]) -> float:
+    """Useful pixels / padded pixels: how much of the forward pass was real image."""
+    if batch.tiled:
+        return 1.0
+    useful = sum(i.image.pixels.shape[0] * i.image.pixels.shape[1]  # type: ignore[union-attr]
+                 for i in batch.items)
+    return useful / max(1, batch.padded_pixels)
+
+
 class Engine:
     """The thread that owns the model: batches decoded items and runs them.
 
@@ -79,8 +88,17 @@ class Engine:
         self.lock = threading.Lock()
         self.batches = 0
         self.busy_s = 0.0
+        self.batch_log: list[tuple[int, float]] = []  # (size, fill) since the last drain
+        self.queue_peak = 0
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
+
+    def drain_stats(self) -> tuple[list[tuple[int, float]], float, int]:
+        """(batches since the last call, busy seconds so far, queue peak since last call)."""
+        with self.lock:
+            log_, self.batch_log = self.batch_log, []
+            peak, self.queue_peak = self.queue_peak, 0
+            return log_, self.busy_s, peak
 
     def expect(self, count: int) -> None:
         """``count`` more items are being decoded: worth waiting for before a partial batch."""
@@ -100,6 +118,7 @@ class Engine:
             except queue.Empty:
                 item = None
             ready: list[Batch[Item]] = []
+            self.queue_peak = max(self.queue_peak, self.inbox.qsize() + (item is not None))
             if item is not None:
                 assert item.image is not None
                 pixels = item.image.pixels
@@ -129,8 +148,10 @@ class Engine:
                                 closed_reason="retry"))
             return
         elapsed = _ms(start)
-        self.batches += 1
-        self.busy_s += elapsed / 1000.0
+        with self.lock:
+            self.batches += 1
+            self.busy_s += elapsed / 1000.0
+            self.batch_log.append((len(batch.items), _fill(batch)))
         for item, output in zip(batch.items, outputs):
             item.timings["infer_ms"] = elapsed / len(batch.items)
             self.on_output(item, output)
@@ -165,6 +186,8 @@ class ShardProcessor:
     def process(self, job_root: str, shard_id: int, attempt: int) -> dict[str, Any]:
         """Process the shard's pending rows and commit its result; returns a small report."""
         start = time.perf_counter()
+        busy_before = self.engine.busy_s
+        retries_before = self.storage.retries
         ledger = Ledger(self.storage, job_root)
         rows = ledger.pending_rows(shard_id).to_pylist()
         previous = ledger.read_result(shard_id)
@@ -174,9 +197,25 @@ class ShardProcessor:
         results = [item.done.result() for item in items]
         ledger.commit(shard_id, pa.Table.from_pylist(results, schema=RESULT_SCHEMA))
         ok = sum(r["status"] == "ok" for r in results)
+        wall = time.perf_counter() - start
+        batches, busy_after, queue_peak = self.engine.drain_stats()
+        reasons: dict[str, int] = {}
+        for r in results:
+            if r["status"] != "ok":
+                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        metrics = {
+            "stages": {stage: [r[f"{stage}_ms"] for r in results if r[f"{stage}_ms"] is not None]
+                       for stage in ("fetch", "decode", "infer", "encode", "upload")},
+            "batches": batches, "busy_s": busy_after - busy_before, "wall_s": wall,
+            "queue_peak": queue_peak, "reasons": reasons,
+            "bytes_in": sum(r["bytes_in"] or 0 for r in results),
+            "bytes_out": sum(r["bytes_out"] or 0 for r in results),
+            "storage_retries": self.storage.retries - retries_before,
+            "gpu_memory_bytes": _gpu_memory_bytes(),
+        }
         return {"shard": shard_id, "rows": len(results), "ok": ok, "failed": len(results) - ok,
-                "seconds": time.perf_counter() - start, "worker": self.worker_id,
-                "attempt": attempt}
+                "seconds": wall, "worker": self.worker_id, "attempt": attempt,
+                "metrics": metrics}
 
     def _start(self, row: dict[str, Any], attempt: int) -> Item:
         base = {name: None for name in RESULT_SCHEMA.names}
@@ -248,6 +287,13 @@ class ShardProcessor:
             row.update(width=item.image.width, height=item.image.height)
             item.image = None
         item.done.set_result(row)
+
+
+def _gpu_memory_bytes() -> int:
+    """Peak CUDA memory this process allocated (0 without CUDA)."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_initialized() else 0
 
 
 def describe_failure(key: str, exc: BaseException) -> tuple[str, str]:

@@ -1,0 +1,248 @@
+"""Prometheus metrics for a job, served by the driver, and snapshots kept in storage.
+
+Where the numbers come from: each worker returns, with every finished shard, what it measured
+(per-image stage latencies, batch sizes and fill, engine busy time, GPU memory, queue peak,
+storage retries). The driver feeds those into prometheus-client metrics and serves them on
+``metrics.host:metrics.port`` (default 127.0.0.1:9464; ``0.0.0.0`` on a cluster so Prometheus
+can scrape the head pod). One scrape target per job, whatever the number of GPU nodes, and the
+same code path on a laptop and on KubeRay. Worker-level series carry a ``worker`` label.
+Granularity is one shard (about a thousand images), which is what a rate over a minute needs.
+
+Snapshots of the same figures go to ``<job_root>/metrics/`` every ``snapshot_interval_s`` and
+at the end, so a finished job's performance outlives its cluster (``deblur status`` reads the
+last one).
+
+Every name below is in ``METRIC_NAMES``; a test checks that the Grafana dashboard and the alert
+rules query only these, so a rename cannot silently break a panel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("pipeline.metrics")
+
+STAGES = ("fetch", "decode", "infer", "encode", "upload")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_FILL_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+METRIC_NAMES = (
+    "deblur_job_info", "deblur_images_total", "deblur_failures_total", "deblur_bytes_total",
+    "deblur_stage_seconds", "deblur_batch_size", "deblur_batch_fill", "deblur_queue_depth",
+    "deblur_shards", "deblur_images_pending", "deblur_images_expected", "deblur_workers",
+    "deblur_gpu_utilization", "deblur_gpu_memory_bytes", "deblur_storage_retries_total",
+    "deblur_shard_retries_total",
+)
+
+
+class JobMetrics:
+    """The job's Prometheus metrics (their own registry: one job per driver process)."""
+
+    def __init__(self, job_id: str, model: str, weights_sha256: str | None = None) -> None:
+        self.job_id, self.model = job_id, model
+        self.registry = CollectorRegistry()
+        r, job = self.registry, ["job_id"]
+        self.info = Gauge("deblur_job_info", "Always 1; labels describe the job",
+                          ["job_id", "model", "weights_sha256"], registry=r)
+        self.info.labels(job_id, model, weights_sha256 or "random").set(1)
+        self.images = Counter("deblur_images", "Images finished, by status",
+                              ["job_id", "model", "worker", "status"], registry=r)
+        self.failures = Counter("deblur_failures", "Failed images by reason",
+                                ["job_id", "reason"], registry=r)
+        self.bytes = Counter("deblur_bytes", "Image bytes read (in) and written (out)",
+                             ["job_id", "direction"], registry=r)
+        self.stage = Histogram("deblur_stage_seconds", "Per-image latency of each stage",
+                               ["job_id", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("deblur_batch_size", "Images per forward pass", job,
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_fill = Histogram("deblur_batch_fill",
+                                    "Useful pixels / padded pixels of each batch", job,
+                                    buckets=_FILL_BUCKETS, registry=r)
+        self.queue = Gauge("deblur_queue_depth", "Queue depth: shards waiting (driver) or the "
+                           "peak of decoded images waiting for the model (worker)",
+                           ["job_id", "worker", "queue"], registry=r)
+        self.shards = Gauge("deblur_shards", "Shards by state", ["job_id", "state"],
+                            registry=r)
+        self.pending = Gauge("deblur_images_pending", "Images not finished yet", job,
+                             registry=r)
+        self.expected = Gauge("deblur_images_expected", "Images this run will finish", job,
+                              registry=r)
+        self.workers = Gauge("deblur_workers", "Worker actors: active (ready) or pending "
+                             "(waiting for a GPU node or loading)", ["job_id", "state"],
+                             registry=r)
+        self.gpu_util = Gauge("deblur_gpu_utilization", "Share of wall time the model ran "
+                              "(engine busy fraction over the worker's last shard)",
+                              ["job_id", "worker"], registry=r)
+        self.gpu_memory = Gauge("deblur_gpu_memory_bytes", "Peak CUDA memory allocated "
+                                "(0 on CPU)", ["job_id", "worker"], registry=r)
+        self.storage_retries = Counter("deblur_storage_retries",
+                                       "Object-store requests retried (throttles, resets)",
+                                       job, registry=r)
+        self.shard_retries = Counter("deblur_shard_retries",
+                                     "Shards re-dispatched after a worker or node was lost",
+                                     job, registry=r)
+        # Initialise label sets so every series exists from the first scrape (a panel shows
+        # 0, not "no data", and `rate()` has a starting point).
+        for status in ("ok", "failed"):
+            self.images.labels(job_id, model, "driver", status)
+        for direction in ("in", "out"):
+            self.bytes.labels(job_id, direction)
+        for state in ("done", "running", "queued"):
+            self.shards.labels(job_id, state)
+        for state in ("active", "pending"):
+            self.workers.labels(job_id, state)
+        self.storage_retries.labels(job_id)
+        self.shard_retries.labels(job_id)
+        self.pending.labels(job_id)
+        self.expected.labels(job_id)
+        self.totals: dict[str, Any] = {"ok": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0,
+                                       "batches": 0, "batch_images": 0, "fill_sum": 0.0,
+                                       "storage_retries": 0, "failures": {}}
+        self.server: Any = None
+        self.port: int | None = None
+
+    def serve(self, host: str, port: int) -> int | None:
+        """Start the /metrics endpoint; a busy port is a warning, never a failed job."""
+        try:
+            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            log.warning("metrics endpoint %s:%d not started (%s); the job goes on, snapshots "
+                        "still go to storage", host, port, exc.strerror)
+            return None
+        self.port = self.server.server_address[1]
+        return self.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def observe_shard(self, report: dict[str, Any]) -> None:
+        """Fold one finished shard's report (from ``ShardProcessor.process``) in."""
+        job, worker = self.job_id, report.get("worker", "unknown")
+        m = report.get("metrics") or {}
+        self.images.labels(job, self.model, worker, "ok").inc(report["ok"])
+        self.images.labels(job, self.model, worker, "failed").inc(report["failed"])
+        self.totals["ok"] += report["ok"]
+        self.totals["failed"] += report["failed"]
+        for reason, count in (m.get("reasons") or {}).items():
+            self.failures.labels(job, reason).inc(count)
+            self.totals["failures"][reason] = self.totals["failures"].get(reason, 0) + count
+        for direction in ("in", "out"):
+            amount = m.get(f"bytes_{direction}", 0)
+            self.bytes.labels(job, direction).inc(amount)
+            self.totals[f"bytes_{direction}"] += amount
+        for stage, values in (m.get("stages") or {}).items():
+            child = self.stage.labels(job, stage)
+            for ms in values:
+                child.observe(ms / 1000.0)
+        for size, fill in m.get("batches") or ():
+            self.batch_size.labels(job).observe(size)
+            self.batch_fill.labels(job).observe(fill)
+            self.totals["batches"] += 1
+            self.totals["batch_images"] += size
+            self.totals["fill_sum"] += fill
+        if m.get("wall_s"):
+            self.gpu_util.labels(job, worker).set(min(1.0, m.get("busy_s", 0.0) / m["wall_s"]))
+        self.gpu_memory.labels(job, worker).set(m.get("gpu_memory_bytes", 0))
+        self.queue.labels(job, worker, "decoded").set(m.get("queue_peak", 0))
+        retries = m.get("storage_retries", 0)
+        self.storage_retries.labels(job).inc(retries)
+        self.totals["storage_retries"] += retries
+
+    def observe_progress(self, progress: Any, queued: int, running: int) -> None:
+        job = self.job_id
+        self.shards.labels(job, "done").set(progress.shards_done)
+        self.shards.labels(job, "running").set(running)
+        self.shards.labels(job, "queued").set(queued)
+        self.queue.labels(job, "driver", "shards").set(queued)
+        self.pending.labels(job).set(max(0, progress.rows_total - progress.rows_done))
+        self.expected.labels(job).set(progress.rows_total)
+        self.workers.labels(job, "active").set(progress.workers_active)
+        self.workers.labels(job, "pending").set(progress.workers_pending)
+
+    def observe_retry(self) -> None:
+        self.shard_retries.labels(self.job_id).inc()
+
+    def snapshot(self, progress: Any) -> dict[str, Any]:
+        """The figures worth keeping after the cluster is gone."""
+        totals = self.totals
+        return {"time": time.time(), "job_id": self.job_id, "model": self.model,
+                "elapsed_s": time.monotonic() - progress.started,
+                "images_ok": totals["ok"], "images_failed": totals["failed"],
+                "images_per_s": progress.images_per_s, "rows_total": progress.rows_total,
+                "rows_done": progress.rows_done, "shards_done": progress.shards_done,
+                "shards_total": progress.shards_total, "retries": progress.retries,
+                "workers_active": progress.workers_active,
+                "workers_pending": progress.workers_pending,
+                "bytes_in": totals["bytes_in"], "bytes_out": totals["bytes_out"],
+                "batches": totals["batches"],
+                "mean_batch_size": (totals["batch_images"] / totals["batches"]
+                                    if totals["batches"] else None),
+                "mean_batch_fill": (totals["fill_sum"] / totals["batches"]
+                                    if totals["batches"] else None),
+                "storage_retries": totals["storage_retries"],
+                "failures_by_reason": dict(totals["failures"])}
+
+
+class SnapshotWriter:
+    """Writes ``metrics/<unix-ms>.json`` under the job root at most every ``interval_s``."""
+
+    def __init__(self, ledger: Any, metrics: JobMetrics, interval_s: float) -> None:
+        self.ledger, self.metrics, self.interval_s = ledger, metrics, interval_s
+        self.last = 0.0
+        self.series: list[dict[str, Any]] = []
+
+    def maybe_write(self, progress: Any, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.interval_s:
+            return
+        self.last = now
+        snap = self.metrics.snapshot(progress)
+        self.series.append({k: snap[k] for k in ("time", "elapsed_s", "rows_done",
+                                                 "images_per_s", "workers_active")})
+        try:
+            self.ledger.storage.put(f"{self.ledger.job_root}metrics/{int(snap['time'] * 1000)}"
+                                    f".json", json.dumps(snap, indent=1).encode())
+        except Exception as exc:  # noqa: BLE001 - a lost snapshot must not stop the job
+            log.warning("metrics snapshot not written: %s", exc)
+
+
+def latency_percentiles(tables: list[Any]) -> dict[str, dict[str, float]]:
+    """p50/p95/p99 per stage (ms) over ok rows of result tables (for summary.json)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out: dict[str, dict[str, float]] = {}
+    if not tables:
+        return out
+    table = pa.concat_tables(tables)
+    for stage in STAGES:
+        values = pc.drop_null(table[f"{stage}_ms"]).to_numpy(zero_copy_only=False)
+        if len(values):
+            p50, p95, p99 = np.percentile(values, [50, 95, 99])
+            out[stage] = {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+    return out
+
+
+def read_latest_snapshot(ledger: Any) -> dict[str, Any] | None:
+    """The newest metrics snapshot of a job, or None."""
+    latest = None
+    try:
+        for info in ledger.storage.list(f"{ledger.job_root}metrics", (".json",)):
+            if latest is None or info.key > latest.key:
+                latest = info
+    except Exception:  # noqa: BLE001 - no snapshots yet
+        return None
+    return json.loads(ledger.storage.get(latest.uri)) if latest else None

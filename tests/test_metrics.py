@@ -1,0 +1,90 @@
+"""Metric names: what the dashboard and alert rules query is what the pipeline exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import generate_latest
+
+from pipeline.metrics import METRIC_NAMES, JobMetrics, latency_percentiles
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "deblur-dashboard.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+_SUFFIXES = ("_bucket", "_sum", "_count", "_total", "_created")
+
+
+def dashboard_exprs() -> list[str]:
+    data = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in data["panels"] for t in p.get("targets", [])]
+
+
+def alert_exprs() -> list[str]:
+    data = yaml.safe_load(ALERTS.read_text())
+    return [r["expr"] for g in data["groups"] for r in g["rules"]]
+
+
+def _fed_metrics() -> JobMetrics:
+    metrics = JobMetrics("job-1", "mimo-unet", "abc")
+    metrics.observe_shard({"worker": "w1", "ok": 3, "failed": 1, "metrics": {
+        "stages": {"fetch": [1.0, 2.0], "infer": [30.0]}, "batches": [(2, 0.9), (1, 1.0)],
+        "busy_s": 0.5, "wall_s": 1.0, "queue_peak": 4, "reasons": {"corrupt": 1},
+        "bytes_in": 100, "bytes_out": 80, "storage_retries": 2, "gpu_memory_bytes": 0}})
+    return metrics
+
+
+def exported_series_names() -> set[str]:
+    text = generate_latest(_fed_metrics().registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_every_queried_metric_is_exported() -> None:
+    exported = exported_series_names()
+    queried = set()
+    for expr in dashboard_exprs() + alert_exprs():
+        queried |= set(re.findall(r"\bdeblur_[a-z_]+", expr))
+    assert queried, "no deblur metric found in the dashboard"
+    missing = queried - exported
+    assert not missing, f"dashboard/alerts query metrics the pipeline does not export: {missing}"
+
+
+def test_metric_names_list_matches_the_registry() -> None:
+    def base(name: str) -> str:
+        for suffix in _SUFFIXES:
+            name = name.removesuffix(suffix)
+        return name
+
+    exported = {base(n) for n in exported_series_names()}
+    assert exported == {base(n) for n in METRIC_NAMES}
+
+
+def test_dashboard_has_datasource_and_job_variables_and_every_panel_filters_by_job() -> None:
+    data = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in data["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert "deblur_job_info" in variables["job"]["definition"]
+    for expr in dashboard_exprs():
+        assert 'job_id=~"$job"' in expr, expr
+
+
+def test_shard_reports_fold_into_snapshot() -> None:
+    from pipeline.scheduler import Progress
+
+    metrics = _fed_metrics()
+    snap = metrics.snapshot(Progress(shards_total=2, rows_total=8, rows_done=4))
+    assert snap["images_ok"] == 3 and snap["images_failed"] == 1
+    assert snap["mean_batch_size"] == 1.5 and abs(snap["mean_batch_fill"] - 0.95) < 1e-9
+    assert snap["failures_by_reason"] == {"corrupt": 1} and snap["storage_retries"] == 2
+
+
+def test_latency_percentiles_from_results() -> None:
+    import pyarrow as pa
+
+    table = pa.table({f"{s}_ms": pa.array([float(i) for i in range(101)]) for s in
+                      ("fetch", "decode", "infer", "encode", "upload")})
+    figures = latency_percentiles([table])
+    assert figures["infer"] == {"p50_ms": 50.0, "p95_ms": 95.0, "p99_ms": 99.0}

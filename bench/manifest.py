@@ -12,6 +12,12 @@ growing by under 200 MiB from 100k to 1M rows.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
 import argparse
 import io
 import json
@@ -19,7 +25,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -34,8 +39,20 @@ def manifest_bytes(rows: int) -> bytes:
     return buf.getvalue()
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux the latter survives exec, so a
+    child would report the parent's peak (the parent builds the big manifest)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(root: str, rows: int, endpoint: str | None) -> None:
     """Plan one manifest and print a JSON line with seconds and RSS figures."""
+    import logging
+
+    logging.disable(logging.WARNING)
     from pipeline import config as config_mod
     from pipeline.ledger import Ledger
     from pipeline.storage import Storage
@@ -45,11 +62,11 @@ def child(root: str, rows: int, endpoint: str | None) -> None:
                  "model.random_weights": True, "storage.endpoint_url": endpoint}
     job = config_mod.load(None, overrides)
     storage = Storage(job.storage)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _peak_rss_mib()
     start = time.perf_counter()
     ledger = Ledger.create(storage, job, job_id="bench", model_info={})
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     print(json.dumps({"rows": ledger.job()["rows"], "shards": ledger.job()["shards"],
                       "seconds": seconds, "peak_rss_mib": peak,
                       "rss_before_mib": rss_before}))
@@ -87,6 +104,9 @@ def main() -> None:
 
             os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                               AWS_DEFAULT_REGION="us-east-1")
+            import logging
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             server.start()
             host, port = server.get_host_and_port()

@@ -10,6 +10,12 @@ run, printing each figure's ratio to that baseline.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
 import argparse
 import platform
 import statistics

@@ -15,6 +15,12 @@ pipeline fill included) to the job's end, through the real scheduler, Ray actor 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
 import argparse
 import os
 import platform

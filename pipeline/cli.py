@@ -277,6 +277,37 @@ def _cancel(job_root: str) -> None:
     typer.echo(f"cancel requested for {job_root}; the driver stops within seconds")
 
 
+@app.command()
+def report(
+    job_root: Annotated[str, typer.Argument(help="The job's ledger root.")],
+    *,
+    out: Annotated[str | None, typer.Option(help="Also write the page here (path or s3://).")
+                   ] = None,
+    open_page: Annotated[bool, typer.Option("--open", help="Open it in a browser.")] = False,
+    samples: Annotated[int, typer.Option(help="QA examples per group.")] = 4,
+) -> None:
+    """Write report.html: totals, failures, quality histograms, before/after samples."""
+    _guard(_report_page, job_root, out, open_page, samples)
+
+
+def _report_page(job_root: str, out: str | None, open_page: bool, samples: int) -> None:
+    from pipeline.ledger import Ledger
+    from pipeline.report import write_report
+    from pipeline.storage import get_storage, is_s3
+
+    ledger = Ledger.open(get_storage(), job_root)
+    stored = write_report(ledger, out, samples)
+    typer.echo(f"report: {stored}" + (f" and {out}" if out else ""))
+    if open_page:
+        import webbrowser
+
+        local = out if out and not is_s3(out) else (None if is_s3(stored) else stored)
+        if local is None:
+            typer.echo("--open needs a local copy: add --out report.html", err=True)
+        else:
+            webbrowser.open(Path(local).resolve().as_uri())
+
+
 @app.command("list")
 def list_jobs(destination: Annotated[str, typer.Argument(help="A job's destination.")]) -> None:
     """List the jobs recorded under DESTINATION/_deblur/."""

@@ -209,6 +209,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """Per-image quality figures (pipeline/quality.py)."""
+
+    sharpness_sample_rate: float = 1.0
+    """Share of images that get sharpness figures (deterministic by row); 0 turns them off."""
+    seed: int = 0
+    """Seed of that sample and of the QA sample in the report."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sharpness_sample_rate <= 1.0:
+            raise ConfigError(f"quality.sharpness_sample_rate={self.sharpness_sample_rate}: "
+                              f"must be within 0..1")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Everything one job needs; stored in job.json for provenance and reruns."""
 
@@ -227,12 +242,13 @@ class JobConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def validate(self) -> JobConfig:
         if self.shard_size < 1:
             raise ConfigError(f"shard_size={self.shard_size}: must be >= 1")
         for section in (self.model, self.codec, self.storage, self.batch, self.worker,
-                        self.scheduler, self.metrics):
+                        self.scheduler, self.metrics, self.quality):
             section.validate()
         return self
 

@@ -56,6 +56,8 @@ RESULT_SCHEMA = pa.schema([
     pa.field("sharpness_in", pa.float32()),
     pa.field("sharpness_out", pa.float32()),
     pa.field("sharpness_ratio", pa.float32()),
+    pa.field("tenengrad_in", pa.float32()),
+    pa.field("tenengrad_out", pa.float32()),
     pa.field("psnr", pa.float32()),
     pa.field("ssim", pa.float32()),
     pa.field("finished_at", pa.float64()),

@@ -410,7 +410,11 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
                           "storage_retries": final["storage_retries"],
                           "bytes_in": final["bytes_in"], "bytes_out": final["bytes_out"],
                           "images_per_s_over_time": snapshots.series}
-        summary["latency_ms"] = latency_percentiles(list(ledger.iter_results()))
+        from pipeline.quality import summarize
+
+        results = list(ledger.iter_results())
+        summary["latency_ms"] = latency_percentiles(results)
+        summary["quality"] = summarize(results)
         summary["model"] = model
         ledger.storage.put(ledger.job_root.rstrip("/") + "/summary.json",
                            json.dumps(summary, indent=2, default=str).encode())

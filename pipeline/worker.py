@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import codec
+from pipeline import codec, quality
 from pipeline.batching import Batch, DynamicBatcher
 from pipeline.config import JobConfig
 from pipeline.errors import ImageError, NotFoundError, PipelineError, StorageError
@@ -49,6 +49,7 @@ class Item:
     image: codec.DecodedImage | None = None
     timings: dict[str, float] = field(default_factory=dict)
     bytes_in: int = 0
+    reference: str | None = None  # sharp ground truth URI (evaluation jobs)
 
 
 def _ms(start: float) -> float:
@@ -221,7 +222,7 @@ class ShardProcessor:
         base = {name: None for name in RESULT_SCHEMA.names}
         base.update(row_id=row["row_id"], key=row["key"], output_key=row["output_key"],
                     attempt=attempt, worker=self.worker_id)
-        item = Item(row=base, done=Future())
+        item = Item(row=base, done=Future(), reference=row.get("reference"))
         if row.get("error"):  # a planning-time problem (hostile key, duplicate, collision)
             reason, _, message = row["error"].partition(": ")
             self._fail(item, ImageError(reason, message or row["error"]))
@@ -260,6 +261,7 @@ class ShardProcessor:
     def _encode_upload(self, item: Item, output: np.ndarray) -> None:
         assert item.image is not None
         try:
+            self._measure(item, output)
             start = time.perf_counter()
             data = codec.encode(item.image, output, self.config.codec)
             item.timings["encode_ms"] = _ms(start)
@@ -277,6 +279,28 @@ class ShardProcessor:
                    **item.timings)
         item.image = None  # free the pixels before the shard finishes
         item.done.set_result(row)
+
+    def _measure(self, item: Item, output: np.ndarray) -> None:
+        """Sharpness before/after (sampled per config) and PSNR/SSIM against a reference."""
+        assert item.image is not None
+        cfg = self.config.quality
+        row = item.row
+        if quality.sampled(row["row_id"], cfg.sharpness_sample_rate, cfg.seed):
+            lap_in, ten_in = quality.sharpness(item.image.pixels)
+            lap_out, ten_out = quality.sharpness(output)
+            row.update(sharpness_in=lap_in, sharpness_out=lap_out, tenengrad_in=ten_in,
+                       tenengrad_out=ten_out,
+                       sharpness_ratio=lap_out / lap_in if lap_in > 0 else None)
+        if item.reference:
+            try:
+                ref = codec.decode(self.storage.get(item.reference), item.reference,
+                                   self.config.codec)
+                row.update(psnr=quality.psnr(output, ref.pixels),
+                           ssim=quality.ssim(output, ref.pixels))
+            except (PipelineError, ValueError) as exc:
+                # The image itself is fine: keep it ok, leave the figures empty, say why.
+                log.warning("%s: no PSNR/SSIM against reference %s: %s", row["key"],
+                            item.reference, exc)
 
     def _fail(self, item: Item, exc: BaseException) -> None:
         reason, message = describe_failure(item.row["key"], exc)

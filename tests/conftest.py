@@ -21,7 +21,11 @@ _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret
 def moto_server() -> Iterator[str]:
     """moto's standalone server on a free loopback port; sets the AWS_* environment so every
     boto3 client (this process, Ray workers, CLI subprocesses) talks to it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -96,8 +96,10 @@ def test_io_overlaps_compute_and_shards_share_batches(tmp_path: Path) -> None:
         t.join(30)
     assert sorted(o["rows"] for o in outs) == [8, 8]
     assert sum(n for *_, n in calls) == 16
-    # Two shards in flight feed one engine: batches are full, none wasted at the boundary.
-    assert len(calls) == 4
+    # Two shards in flight feed one engine: batches are full, at most one partial batch at
+    # the boundary (when the second shard's first image is not decoded yet, the engine does
+    # not sit on a partial batch).
+    assert len(calls) <= 5 and sum(n == 4 for *_, n in calls) >= 3
     # Fetching went on while the model ran (pipelined, not fetch-all-then-infer).
     busy = [(a, b) for a, b, _ in calls]
     assert any(a < f < b for f in fetches for a, b in busy) or max(fetches) > calls[0][0]

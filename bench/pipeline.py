@@ -111,7 +111,7 @@ def pipeline_run(job: config_mod.JobConfig, storage: Storage, actor_class: Any) 
         if progress.workers_active and not first_ready:
             first_ready.append(time.monotonic())
 
-    outcome = execute(job, ledger, ledger.shard_ids(), job.shard_size, on_progress,
+    outcome = execute(job, ledger, ledger.shard_ids(), ledger.status().pending, on_progress,
                       actor_class)
     end = time.monotonic()
     assert outcome.complete and outcome.status.failed == 0, outcome.status
@@ -131,12 +131,18 @@ def main() -> None:
     if "s3" in args.stores:
         from moto.server import ThreadedMotoServer
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
         os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
                           AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    # Sharpness figures are off here: the baselines do not compute them (bench/quality.py
+    # measures their cost separately). The metrics endpoint takes a free port.
     base = config_mod.load(None, {"model.random_weights": True, "scheduler.max_workers": 1,
+                                  "quality.sharpness_sample_rate": 0.0, "metrics.port": 0,
                                   "worker.io_threads": args.threads,
                                   "worker.cpus_per_worker": 1.0})
     start_ray(base)

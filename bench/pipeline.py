@@ -144,7 +144,7 @@ def main() -> None:
     base = config_mod.load(None, {"model.random_weights": True, "scheduler.max_workers": 1,
                                   "quality.sharpness_sample_rate": 0.0, "metrics.port": 0,
                                   "worker.io_threads": args.threads,
-                                  "worker.cpus_per_worker": 1.0})
+                                  "worker.cpus_per_worker": float(os.cpu_count() or 1)})
     start_ray(base)
     storage = get_storage()
     print(f"# {platform.machine()}, {os.cpu_count()} cores, ray {ray.__version__}")

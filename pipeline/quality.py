@@ -38,27 +38,34 @@ def to_unit(pixels: np.ndarray) -> np.ndarray:
 
 
 def luminance(pixels: np.ndarray) -> np.ndarray:
-    unit = to_unit(pixels)
-    return unit @ _LUMA if unit.ndim == 3 else unit
+    """Rec. 601 luma in [0, 1], float32: half the memory traffic of float64, and these
+    focus measures do not need more precision (they run on every image)."""
+    scale = np.float32(1.0 / _MAX.get(pixels.dtype, 1.0))
+    if pixels.ndim == 2:
+        return pixels.astype(np.float32) * scale
+    weights = (_LUMA * scale).astype(np.float32)
+    return pixels[:, :, 0] * weights[0] + pixels[:, :, 1] * weights[1] + \
+        pixels[:, :, 2] * weights[2]
 
 
 def laplacian_variance(lum: np.ndarray) -> float:
     if min(lum.shape) < 3:
         return 0.0
-    lap = (4.0 * lum[1:-1, 1:-1] - lum[:-2, 1:-1] - lum[2:, 1:-1]
+    lap = (np.float32(4.0) * lum[1:-1, 1:-1] - lum[:-2, 1:-1] - lum[2:, 1:-1]
            - lum[1:-1, :-2] - lum[1:-1, 2:])
-    return float(lap.var())
+    return float(lap.var(dtype=np.float64))
 
 
 def tenengrad(lum: np.ndarray) -> float:
     if min(lum.shape) < 3:
         return 0.0
     # Sobel as separable [1 2 1] smoothing x [-1 0 1] difference, valid pixels only.
-    smooth_v = lum[:-2, :] + 2.0 * lum[1:-1, :] + lum[2:, :]
+    two = np.float32(2.0)
+    smooth_v = lum[:-2, :] + two * lum[1:-1, :] + lum[2:, :]
     gx = smooth_v[:, 2:] - smooth_v[:, :-2]
-    smooth_h = lum[:, :-2] + 2.0 * lum[:, 1:-1] + lum[:, 2:]
+    smooth_h = lum[:, :-2] + two * lum[:, 1:-1] + lum[:, 2:]
     gy = smooth_h[2:, :] - smooth_h[:-2, :]
-    return float(np.mean(gx * gx + gy * gy))
+    return float(np.mean(gx * gx + gy * gy, dtype=np.float64))
 
 
 def sharpness(pixels: np.ndarray) -> tuple[float, float]:

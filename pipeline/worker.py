@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -314,10 +315,15 @@ class ShardProcessor:
 
 
 def _gpu_memory_bytes() -> int:
-    """Peak CUDA memory this process allocated (0 without CUDA)."""
-    import torch
+    """Peak CUDA memory this process allocated (0 without CUDA).
 
-    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_initialized() else 0
+    Looks torch up instead of importing it: a worker without a model (the pipeline-overhead
+    bench) must not pay a second of torch import on its first shard.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return 0
+    return int(torch.cuda.max_memory_allocated())
 
 
 def describe_failure(key: str, exc: BaseException) -> tuple[str, str]:
@@ -344,6 +350,12 @@ def build_processor(config: JobConfig, worker_id: str) -> ShardProcessor:
 
     model, _ = load_model(config.model)
     deblurrer = Deblurrer(model, config.model)
+    if deblurrer.device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS=1 in actors; on a CPU the model should use the cores the
+        # actor reserved (worker.cpus_per_worker), no more and no fewer.
+        import torch
+
+        torch.set_num_threads(max(1, int(config.worker.cpus_per_worker)))
     return ShardProcessor(config, deblurrer.deblur, worker_id)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,18 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "deblur"
-SCHEMAS = ROOT.parent / "shared" / "schemas"
+def _schemas_dir() -> Path:
+    """../shared/schemas beside the checkout; CI's clean clone may live elsewhere, so also the
+    workplace's shared folder (or DEBLUR_SCHEMAS). Missing everywhere is a failure, not a skip."""
+    candidates = [Path(os.environ["DEBLUR_SCHEMAS"])] if os.environ.get("DEBLUR_SCHEMAS") else []
+    candidates += [ROOT.parent / "shared" / "schemas", Path("/work/shared/schemas")]
+    for path in candidates:
+        if (path / "kuberay").is_dir():
+            return path
+    raise AssertionError(f"CRD schemas not found in any of {candidates}")
+
+
+SCHEMAS = _schemas_dir()
 VALUES = sorted((ROOT / "tests" / "helm-values").glob("*.yaml"))
 CRD_FILES = {
     "RayCluster": "kuberay/ray.io_rayclusters.yaml",

@@ -1,9 +1,14 @@
-"""The Helm chart and cluster-launcher config, checked with a real helm and the CRD schemas."""
+"""Deployment files, checked with the real tools: helm lint/template over several value sets,
+every custom resource validated against its CRD schema (../shared/schemas), the values schema
+refusing credentials and bad types, the chart's dashboard and rules identical to deploy/, the
+compose stack's Prometheus config, and the cluster-launcher config against Ray's own schema."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,10 +17,16 @@ import jsonschema
 import pytest
 import yaml
 
+from pipeline import config as job_config
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "deblur"
+VALUES = sorted((ROOT / "tests" / "helm-values").glob("*.yaml"))
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
+
+
 def _schemas_dir() -> Path:
     """../shared/schemas beside the checkout; CI's clean clone may live elsewhere, so also the
     workplace's shared folder (or DEBLUR_SCHEMAS). Missing everywhere is a failure, not a skip."""
@@ -28,7 +39,6 @@ def _schemas_dir() -> Path:
 
 
 SCHEMAS = _schemas_dir()
-VALUES = sorted((ROOT / "tests" / "helm-values").glob("*.yaml"))
 CRD_FILES = {
     "RayCluster": "kuberay/ray.io_rayclusters.yaml",
     "RayJob": "kuberay/ray.io_rayjobs.yaml",
@@ -36,6 +46,8 @@ CRD_FILES = {
     "ServiceMonitor": "prometheus-operator/monitoring.coreos.com_servicemonitors.yaml",
     "PrometheusRule": "prometheus-operator/monitoring.coreos.com_prometheusrules.yaml",
 }
+# Kubernetes' own API groups need no CRD; anything else the chart renders must have a schema.
+BUILTIN_GROUPS = {"", "apps", "batch", "networking.k8s.io", "policy", "rbac.authorization.k8s.io"}
 
 
 def helm() -> str:
@@ -44,55 +56,50 @@ def helm() -> str:
     return path
 
 
-def render(values: Path | None = None, *sets: str) -> list[dict]:
-    cmd = [helm(), "template", "t", str(CHART)]
-    if values:
-        cmd += ["-f", str(values)]
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=60)
+
+
+def render(values: Path | None = None, *sets: str, release: str = "t") -> list[dict]:
+    args = ["template", release, str(CHART)] + (["-f", str(values)] if values else [])
     for s in sets:
-        cmd += ["--set", s]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+        args += ["--set", s]
+    out = run_helm(*args)
     assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.load_all(out.stdout, Loader=Loader) if d]
 
 
-def crd_schema(kind: str, api_version: str) -> dict:
-    assert kind in CRD_FILES, f"no CRD schema known for {kind}"
-    crd = yaml.safe_load((SCHEMAS / CRD_FILES[kind]).read_text())
-    version = api_version.split("/")[1]
+def _strict(node: object) -> object:
+    """The API server silently prunes fields a CRD does not declare, so a typo would vanish
+    without an error. Forbid undeclared fields wherever the schema lists properties and does
+    not itself keep unknown fields."""
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if ("properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+@functools.cache
+def crd_validator(kind: str, api_version: str) -> jsonschema.Draft7Validator:
+    assert kind in CRD_FILES, f"no CRD schema known for {kind} ({api_version})"
+    crd = yaml.load((SCHEMAS / CRD_FILES[kind]).read_text(), Loader=Loader)
+    group, version = api_version.split("/")
+    assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
-            return v["schema"]["openAPIV3Schema"]
+            # Not jsonschema.validate: it checks the schema first, and the CRDs carry Go
+            # regexes (`^(?i)…`) Python's re rejects, in fields the chart never sets.
+            return jsonschema.Draft7Validator(_strict(v["schema"]["openAPIV3Schema"]))
     raise AssertionError(f"{kind} {api_version}: version not in {CRD_FILES[kind]}")
 
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
-
-
-@pytest.mark.parametrize("values", [None, *VALUES], ids=lambda v: v.name if v else "default")
-def test_lint_and_validate_against_crds(values: Path | None) -> None:
-    cmd = [helm(), "lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
-    lint = subprocess.run(cmd, capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    docs = render(values)
-    checked = 0
-    for doc in docs:
-        if doc["kind"] in CRD_FILES or doc["apiVersion"].split("/")[0] in (
-                "ray.io", "monitoring.coreos.com"):
-            # Not jsonschema.validate: it checks the schema itself first, and the CRDs carry
-            # Go regexes (`^(?i)…`) Python's re rejects, in fields we never set.
-            validator = jsonschema.Draft7Validator(crd_schema(doc["kind"], doc["apiVersion"]))
-            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                      for e in validator.iter_errors(doc)]
-            assert not errors, f"{doc['kind']} {doc['metadata']['name']}: {errors[:5]}"
-            checked += 1
-    assert by_kind(docs, "RayCluster") and by_kind(docs, "RayJob") and checked >= 2
-    text = yaml.safe_dump_all(docs)
-    assert "secretAccessKey" not in text and "AWS_SECRET_ACCESS_KEY\n  value" not in text
-    for doc in docs:  # credentials only ever by secretKeyRef
-        for env in _envs(doc):
-            if env["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"):
-                assert "value" not in env and "secretKeyRef" in env["valueFrom"], env
 
 
 def _envs(node: object):
@@ -106,83 +113,252 @@ def _envs(node: object):
             yield from _envs(value)
 
 
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def _group(docs: list[dict]) -> dict:
+    return by_kind(docs, "RayCluster")[0]["spec"]["workerGroupSpecs"][0]
+
+
+def _head(docs: list[dict]) -> dict:
+    return by_kind(docs, "RayCluster")[0]["spec"]["headGroupSpec"]
+
+
+@pytest.mark.parametrize("values", [None, *VALUES], ids=lambda v: v.name if v else "default")
+def test_lint_render_and_validate_against_crds(values: Path | None) -> None:
+    lint = run_helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # A long release name too: KubeRay refuses RayJob names over 47 characters.
+    for release in ("t", "a-very-long-release-name-for-the-nightly-batch"):
+        docs = render(values, release=release)
+        for doc in docs:
+            group = doc["apiVersion"].rpartition("/")[0]
+            if group in BUILTIN_GROUPS:
+                continue
+            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                      for e in crd_validator(doc["kind"], doc["apiVersion"]).iter_errors(doc)]
+            assert not errors, f"{doc['kind']} {doc['metadata']['name']}: {errors[:5]}"
+        for doc in by_kind(docs, "RayCluster") + by_kind(docs, "RayJob"):
+            name = doc["metadata"]["name"]
+            assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name  # DNS-1035
+            assert len(name) <= (53 if doc["kind"] == "RayCluster" else 47), name
+    cluster, job = by_kind(docs, "RayCluster"), by_kind(docs, "RayJob")
+    assert len(cluster) == 1 and len(job) == 1
+    assert job[0]["spec"]["clusterSelector"] == {"ray.io/cluster": cluster[0]["metadata"]["name"]}
+    # Credentials only ever by reference.
+    for env in _envs(docs):
+        if env["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"):
+            assert "value" not in env and "secretKeyRef" in env["valueFrom"], env
+    # The job config is one deblur itself accepts (unknown keys, bad types and bad values fail
+    # here); the weights come from the entrypoint's --weights flag, as on the cluster.
+    configs = [d for d in by_kind(docs, "ConfigMap") if "job.yaml" in d.get("data", {})]
+    data = yaml.safe_load(configs[0]["data"]["job.yaml"])
+    data.setdefault("model", {})["weights"] = "s3://m/MIMO-UNet.pkl"
+    job_config.from_dict(data).validate()
+    # The head's volume is that ConfigMap, mounted where the entrypoint reads it.
+    head = _head(docs)["template"]["spec"]
+    assert {"name": "job-config", "configMap": {"name": configs[0]["metadata"]["name"]}} in \
+        head["volumes"]
+    assert "'/etc/deblur/job.yaml'" in job[0]["spec"]["entrypoint"]
+
+
 def test_defaults_autoscale_gpu_workers_with_token_auth_and_private_dashboard() -> None:
     docs = render()
     cluster = by_kind(docs, "RayCluster")[0]["spec"]
     assert cluster["enableInTreeAutoscaling"] is True
-    assert cluster["autoscalerOptions"]["version"] == "v2"
-    group = cluster["workerGroupSpecs"][0]
+    options = cluster["autoscalerOptions"]
+    assert options["version"] == "v2" and options["upscalingMode"] == "Default"
+    assert options["idleTimeoutSeconds"] == 300
+    assert set(_env(options)) == {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}  # no S3 access
+    group = _group(docs)
     assert (group["minReplicas"], group["maxReplicas"]) == (0, 8)
     worker = group["template"]["spec"]
-    limits = worker["containers"][0]["resources"]["limits"]
-    assert limits["nvidia.com/gpu"] == 1
-    assert worker["tolerations"] and worker["nodeSelector"]
+    resources = worker["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "num-gpus" not in group["rayStartParams"]  # Ray detects NVIDIA GPUs itself
+    assert {p["containerPort"]: p["name"] for p in worker["containers"][0]["ports"]} == \
+        {8080: "metrics"}
+    # Private by default: ClusterIP head, no extra Service, no LoadBalancer/NodePort anywhere.
     assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
-    head_env = {e["name"]: e for e in cluster["headGroupSpec"]["template"]["spec"]
-                ["containers"][0]["env"]}
-    assert head_env["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" in head_env
-    assert by_kind(docs, "Secret") and "token" in by_kind(docs, "Secret")[0]["data"]
+    assert not by_kind(docs, "Service") and not by_kind(docs, "Ingress")
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = _env(head)
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "t-deblur-ray-token", "key": "token"}
+    secret = by_kind(docs, "Secret")[0]
+    assert secret["metadata"]["name"] == "t-deblur-ray-token" and len(secret["data"]["token"]) > 40
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["deblur-metrics"] == 9464
+    assert {p["name"] for p in head["ports"]} >= {"metrics", "dashboard", "gcs-server", "client"}
     job = by_kind(docs, "RayJob")[0]["spec"]
-    assert job["entrypoint"].startswith("'deblur' 'run' 's3://my-bucket/blurry/'")
-    assert "--weights" in job["entrypoint"] and "'/etc/deblur/job.yaml'" in job["entrypoint"]
+    assert job["entrypoint"].startswith("'deblur' 'run' 's3://my-bucket/blurry/' "
+                                        "'s3://my-bucket/deblurred/' '--config'")
+    assert "'--weights' 's3://my-models/MIMO-UNet.pkl'" in job["entrypoint"]
+    assert "'--max-workers' '8'" in job["entrypoint"]
+    assert set(_env(job["submitterPodTemplate"]["spec"]["containers"][0])) == \
+        {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
     config = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["job.yaml"])
     assert config["scheduler"]["max_workers"] == 8 and config["metrics"]["host"] == "0.0.0.0"
-    ports = {p["name"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-             ["ports"]}
-    assert {"metrics", "deblur-metrics"} <= ports
-    monitors = by_kind(docs, "PodMonitor")
-    endpoints = {e["port"] for m in monitors for e in m["spec"]["podMetricsEndpoints"]}
-    assert endpoints == {"metrics", "deblur-metrics"}
-    dashboards = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["labels"].get(
-        "grafana_dashboard") == "1"]
-    assert json.loads(dashboards[0]["data"]["deblur-dashboard.json"])["uid"] == "deblur-jobs"
-    rules = by_kind(docs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} >= {"DeblurStalled", "DeblurWorkersPendingLong"}
+    # Ray on every pod, the driver on the head.
+    monitors = {m["metadata"]["name"]: m["spec"] for m in by_kind(docs, "PodMonitor")}
+    assert {e["port"] for e in monitors["t-deblur-head"]["podMetricsEndpoints"]} == \
+        {"metrics", "deblur-metrics"}
+    assert monitors["t-deblur-head"]["selector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert {e["port"] for e in monitors["t-deblur-workers"]["podMetricsEndpoints"]} == {"metrics"}
+    assert monitors["t-deblur-workers"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
 
 
-def test_value_sets_change_what_they_should() -> None:
-    fixed = render(ROOT / "tests/helm-values/fixed-size-secret.yaml")
-    spec = by_kind(fixed, "RayCluster")[0]["spec"]
-    assert spec["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in spec
-    assert spec["workerGroupSpecs"][0]["replicas"] == 4
-    env = {e["name"]: e for e in _envs(by_kind(fixed, "RayCluster")[0])}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "deblur-s3"
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
-    assert not by_kind(fixed, "ServiceAccount")
-
-    irsa = render(ROOT / "tests/helm-values/irsa-autoscaling.yaml")
-    account = by_kind(irsa, "ServiceAccount")[0]
-    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
-    assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in _envs(irsa)}
-    assert "'--resume'" in by_kind(irsa, "RayJob")[0]["spec"]["entrypoint"]
-    assert by_kind(irsa, "PodMonitor")[0]["metadata"]["labels"]["release"] == "kube-prometheus"
-
-    amd = render(ROOT / "tests/helm-values/custom-gpu.yaml")
-    group = by_kind(amd, "RayCluster")[0]["spec"]["workerGroupSpecs"][0]
-    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["amd.com/gpu"] == 2
-    assert group["rayStartParams"]["num-gpus"] == "2"
-    assert not by_kind(amd, "PodMonitor") and not by_kind(amd, "PrometheusRule")
-    assert by_kind(amd, "RayCluster")[0]["spec"]["headGroupSpec"]["serviceType"] == \
-        "LoadBalancer"
-    assert not by_kind(amd, "Secret")  # an existing token Secret is used
+def test_dashboard_configmap_and_rules_are_the_shipped_files() -> None:
+    docs = render()
+    dashboards = [d for d in by_kind(docs, "ConfigMap")
+                  if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert len(dashboards) == 1
+    shipped = json.loads((ROOT / "deploy/grafana/deblur-dashboard.json").read_text())
+    assert json.loads(dashboards[0]["data"]["deblur-dashboard.json"]) == shipped
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    assert by_kind(docs, "PrometheusRule")[0]["spec"]["groups"] == rules["groups"]
+    alerts = {r.get("alert") for g in rules["groups"] for r in g["rules"]}
+    assert "DeblurStalled" in alerts
 
 
-@pytest.mark.parametrize("bad", ["s3.accessKey=AKIA123", "workers.maxReplicas=-1",
-                                 "workers.minReplicas=notanumber", "gpu.resourceName=gpu",
-                                 "head.serviceType=Public"])
-def test_schema_rejects_bad_values(bad: str) -> None:
-    out = subprocess.run([helm(), "template", "t", str(CHART), "--set", bad],
-                         capture_output=True, text=True)
-    assert out.returncode != 0, f"--set {bad} was accepted"
-    assert "schema" in out.stderr.lower() or "values" in out.stderr.lower()
-
-
-def test_chart_ships_the_same_dashboard_and_rules_as_deploy() -> None:
+def test_chart_ships_byte_identical_copies_of_deploy_files() -> None:
     pairs = [(ROOT / "deploy/grafana/deblur-dashboard.json", CHART / "files/deblur-dashboard.json"),
              (ROOT / "deploy/prometheus/alerts.yml", CHART / "files/alerts.yml")]
     for source, copy in pairs:
         assert copy.read_bytes() == source.read_bytes(), (
-            f"{copy} differs from {source}: copy it over (one source of truth)")
+            f"{copy} differs from {source}: cp {source.relative_to(ROOT)} "
+            f"{copy.relative_to(ROOT)} (deploy/ is the source of truth)")
+
+
+def test_fixed_pool_with_secret_credentials() -> None:
+    docs = render(ROOT / "tests/helm-values/fixed-size-secret.yaml")
+    spec = by_kind(docs, "RayCluster")[0]["spec"]
+    assert spec["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in spec
+    group = _group(docs)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    env = _env(_head(docs)["template"]["spec"]["containers"][0])
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "deblur-s3", "key": key}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+    assert set(_env(_group(docs)["template"]["spec"]["containers"][0])) == set(env)
+    assert not by_kind(docs, "ServiceAccount")
+    assert _group(docs)["template"]["spec"]["serviceAccountName"] == "default"
+
+
+def test_irsa_autoscaling_has_no_keys_and_resumes_its_job_root() -> None:
+    docs = render(ROOT / "tests/helm-values/irsa-autoscaling.yaml")
+    account = by_kind(docs, "ServiceAccount")[0]
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws")
+    for pod in (_head(docs), _group(docs)):
+        assert pod["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    names = {e["name"] for e in _envs(docs)}
+    assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    spec = by_kind(docs, "RayCluster")[0]["spec"]
+    assert spec["autoscalerOptions"]["upscalingMode"] == "Aggressive"
+    assert (_group(docs)["minReplicas"], _group(docs)["maxReplicas"]) == (0, 16)
+    entrypoint = by_kind(docs, "RayJob")[0]["spec"]["entrypoint"]
+    assert "'--job-root' 's3://b/out/_deblur/nightly/' '--resume'" in entrypoint
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert all(d["metadata"]["labels"]["release"] == "kube-prometheus"
+                   for d in by_kind(docs, kind))
+
+
+def test_custom_gpu_type_node_pool_and_opt_in_dashboard() -> None:
+    docs = render(ROOT / "tests/helm-values/custom-gpu.yaml")
+    group = _group(docs)
+    worker = group["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["amd.com/gpu"] == 2
+    assert "nvidia.com/gpu" not in json.dumps(group)
+    assert worker["nodeSelector"] == {"cloud.google.com/gke-accelerator": "mi300x"}
+    assert group["rayStartParams"]["num-gpus"] == "2"  # Ray only finds NVIDIA GPUs itself
+    # 3 pods x 2 GPUs / 0.5 GPU per actor.
+    assert "'--max-workers' '12'" in by_kind(docs, "RayJob")[0]["spec"]["entrypoint"]
+    assert not by_kind(docs, "PodMonitor") and not by_kind(docs, "PrometheusRule")
+    assert not [d for d in by_kind(docs, "ConfigMap") if "grafana_dashboard" in
+                d["metadata"]["labels"]]
+    # The opt-in Service publishes 8265 alone; the head Service (GCS, client) stays private.
+    assert _head(docs)["serviceType"] == "ClusterIP"
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert [p["port"] for p in service["spec"]["ports"]] == [8265]
+    assert service["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+    assert service["spec"]["selector"]["ray.io/node-type"] == "head"
+    assert not by_kind(docs, "Secret")  # the existing token Secret is used
+    env = _env(_head(docs)["template"]["spec"]["containers"][0])
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "my-ray-token"
+
+
+def test_auth_off_renders_no_token_anywhere() -> None:
+    docs = render(ROOT / "tests/helm-values/auth-off-long-name.yaml")
+    assert not by_kind(docs, "Secret")
+    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & {e["name"] for e in _envs(docs)}
+    assert "env" not in by_kind(docs, "RayCluster")[0]["spec"]["autoscalerOptions"]
+
+
+@pytest.mark.parametrize("bad", [
+    "s3.accessKey=AKIAEXAMPLE",                 # credentials never in values
+    "s3.secretAccessKey=x",
+    "auth.token=x",
+    "workers.maxReplicas=-1",
+    "workers.minReplicas=notanumber",
+    "workers.gpusPerPod=0",
+    "gpu.resourceName=gpu",
+    "head.serviceType=Public",
+    "autoscaler.upscalingMode=Fast",
+    "job.config.scheduler.max_workers=3",       # derived from the worker group
+    "unknownTopLevel=1",
+])
+def test_values_schema_rejects(bad: str) -> None:
+    out = run_helm("template", "t", str(CHART), "--set", bad)
+    assert out.returncode != 0, f"--set {bad} was accepted"
+    assert "schema" in out.stderr.lower(), out.stderr
+
+
+@pytest.mark.parametrize("sets", [
+    ["head.exposeDashboard=true", "auth.enabled=false"],   # never unauthenticated
+    ["workers.minReplicas=5", "workers.maxReplicas=2"],
+])
+def test_chart_refuses_unsafe_or_inconsistent_combinations(sets: list[str]) -> None:
+    args = [x for s in sets for x in ("--set", s)]
+    out = run_helm("template", "t", str(CHART), *args)
+    assert out.returncode != 0, f"{sets} was accepted"
+    assert "workers.minReplicas" in out.stderr or "exposeDashboard" in out.stderr or \
+        "schema" in out.stderr.lower(), out.stderr
+
+
+def test_no_plain_credentials_in_any_rendering() -> None:
+    for values in [None, *VALUES]:
+        out = run_helm("template", "t", str(CHART), *(["-f", str(values)] if values else []))
+        text = out.stdout
+        assert "minioadmin" not in text and not re.search(r"AKIA[0-9A-Z]{12,}", text)
+        for doc in yaml.load_all(text, Loader=Loader):
+            if doc and doc["kind"] == "ConfigMap" and "job.yaml" in doc["data"]:
+                assert not re.search(r"(?i)secret|password|access_?key", doc["data"]["job.yaml"])
+
+
+def test_compose_stack_mounts_exist_and_prometheus_config_is_valid() -> None:
+    compose = yaml.safe_load((ROOT / "deploy/docker-compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / "deploy" / source).exists(), f"{name}: {source} missing"
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    assert compose["services"]["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: scripts/install_tools.sh installs prometheus"
+    out = subprocess.run([promtool, "check", "config", str(ROOT / "deploy/prometheus/compose.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/deblur.yaml").read_text())
+    mounted = [v for v in compose["services"]["grafana"]["volumes"] if "dashboard.json" in v]
+    assert mounted[0].split(":")[1].startswith(provider["providers"][0]["options"]["path"])
 
 
 def test_cluster_launcher_config_matches_rays_schema() -> None:
@@ -192,5 +368,11 @@ def test_cluster_launcher_config_matches_rays_schema() -> None:
                         .read_text())
     config = yaml.safe_load((ROOT / "deploy" / "ray-cluster-aws.yaml").read_text())
     jsonschema.validate(config, schema)
+    assert config["provider"]["type"] == "aws"
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
     gpu = config["available_node_types"]["gpu_worker"]
-    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert gpu["min_workers"] == 0 and 1 <= gpu["max_workers"] <= config["max_workers"]
+    assert any("pip install" in c and " ." in c for c in config["setup_commands"])
+    assert all("127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)

@@ -1,6 +1,9 @@
 {{/* Names and shared snippets. */}}
+
+{{/* 47 characters at most: KubeRay rejects RayJob names longer than that (it appends 6
+     characters for clusters it creates, and RayCluster names stop at 53). */}}
 {{- define "deblur.fullname" -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "deblur.labels" -}}
@@ -23,23 +26,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (printf "%s-ray-token" (include "deblur.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
 
-{{/* Environment shared by head and workers: S3 settings, credentials by reference only,
-     and Ray token authentication. */}}
-{{- define "deblur.env" -}}
-- name: AWS_REGION
-  value: {{ .Values.s3.region | quote }}
-{{- with .Values.s3.endpointUrl }}
-- name: AWS_ENDPOINT_URL
-  value: {{ . | quote }}
-{{- end }}
-{{- if .Values.s3.existingSecret }}
-- name: AWS_ACCESS_KEY_ID
-  valueFrom:
-    secretKeyRef: {name: {{ .Values.s3.existingSecret | quote }}, key: AWS_ACCESS_KEY_ID}
-- name: AWS_SECRET_ACCESS_KEY
-  valueFrom:
-    secretKeyRef: {name: {{ .Values.s3.existingSecret | quote }}, key: AWS_SECRET_ACCESS_KEY}
-{{- end }}
+{{/* Whether the KubeRay autoscaler runs: asked for, and a range to scale in. min == max is a
+     fixed pool, so the autoscaler would only cost a container. */}}
+{{- define "deblur.autoscale" -}}
+{{- if and .Values.autoscaler.enabled (lt (int .Values.workers.minReplicas) (int .Values.workers.maxReplicas)) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Most worker actors the driver may ask for: every GPU of every pod, divided by the GPUs
+     one actor takes (fractions allowed). More would only queue actors that never get a node. */}}
+{{- define "deblur.maxWorkers" -}}
+{{- $gpus := mulf .Values.workers.maxReplicas .Values.workers.gpusPerPod -}}
+{{- $perActor := .Values.job.config.worker.gpus_per_worker | default 1.0 -}}
+{{- max 1 (floor (divf $gpus $perActor) | int) -}}
+{{- end -}}
+
+{{/* Ray token authentication: every Ray process (head, workers, autoscaler, submitter) needs
+     the same token. Only a reference to the Secret is rendered, never the token. */}}
+{{- define "deblur.authEnv" -}}
 {{- if .Values.auth.enabled }}
 - name: RAY_AUTH_MODE
   value: token
@@ -47,6 +52,30 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   valueFrom:
     secretKeyRef: {name: {{ include "deblur.authSecretName" . | quote }}, key: token}
 {{- end }}
+{{- end -}}
+
+{{/* S3 for the pods that read and write images (head runs the driver, workers the model).
+     Keys only by secretKeyRef; with IRSA / workload identity there are none at all. */}}
+{{- define "deblur.s3Env" -}}
+- name: AWS_REGION
+  value: {{ .Values.s3.region | quote }}
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: AWS_ACCESS_KEY_ID}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: AWS_SECRET_ACCESS_KEY}
+{{- end }}
+{{- end -}}
+
+{{- define "deblur.env" -}}
+{{ include "deblur.s3Env" . }}
+{{- include "deblur.authEnv" . }}
 {{- end -}}
 
 {{/* Shell-quote each argument (keys and prefixes may hold spaces). */}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,61 +68,94 @@ def _pool_overrides(address: str | None, min_workers: int | None, max_workers: i
             "batch.max_batch": max_batch}
 
 
+Source = Annotated[str, typer.Argument(help="Manifest (.parquet/.csv/.jsonl/.txt) or prefix"
+                                            " to list: s3://bucket/prefix or a folder.")]
+Destination = Annotated[str, typer.Argument(help="Output prefix: s3://… or a folder.")]
+ConfigFile = Annotated[Path | None, typer.Option(help="Job config YAML (see configs/).")]
+Model = Annotated[str | None, typer.Option(
+    help="mimo-unet, mimo-unet-plus or mimo-unet-plusplus.")]
+Weights = Annotated[str | None, typer.Option(
+    help="Checkpoint URI: path, file:// or s3:// (.pkl/.pth/.safetensors).")]
+RandomWeights = Annotated[bool, typer.Option(
+    help="Run untrained weights: a smoke test, the output is NOT deblurred.")]
+Precision = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16.")]
+OutputFormat = Annotated[str | None, typer.Option(
+    "--format", help="Output format: same, jpeg, png or webp.")]
+Quality = Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")]
+TilePixels = Annotated[int | None, typer.Option(
+    help="Images above this many pixels run as overlapping tiles.")]
+ShardSize = Annotated[int | None, typer.Option(help="Images per shard.")]
+JobRoot = Annotated[str | None, typer.Option(
+    help="Where the job's ledger lives; default DEST/_deblur/<job_id>/.")]
+JobId = Annotated[str | None, typer.Option(
+    help="Id for a new job (default: UTC time + random); names the default job root.")]
+Resume = Annotated[bool, typer.Option(
+    help="Finish the job already at --job-root (skips shards that have results).")]
+MetricsPort = Annotated[int | None, typer.Option(
+    help="Port of the driver's Prometheus /metrics (0: a free one).")]
+
+
+def _job_overrides(source: str, destination: str, *, job_root: str | None,
+                   shard_size: int | None, model: str | None, weights: str | None,
+                   random_weights: bool, precision: str | None, tile_pixels: int | None,
+                   output_format: str | None, quality: int | None,
+                   metrics_port: int | None) -> dict[str, Any]:
+    return {
+        "source": source, "destination": destination, "job_root": job_root,
+        "shard_size": shard_size, "model.name": model, "model.weights": weights,
+        "model.random_weights": random_weights or None, "model.precision": precision,
+        "model.tile_pixels": tile_pixels, "codec.output_format": output_format,
+        "codec.quality": quality, "metrics.port": metrics_port,
+    }
+
+
 @app.command()
 def run(
-    source: Annotated[str, typer.Argument(help="Manifest (.parquet/.csv/.jsonl/.txt) or prefix"
-                                               " to list: s3://bucket/prefix or a folder.")],
-    destination: Annotated[str, typer.Argument(help="Output prefix: s3://… or a folder.")],
+    source: Source,
+    destination: Destination,
     *,
-    config: Annotated[Path | None, typer.Option(help="Job config YAML (see configs/).")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="mimo-unet, mimo-unet-plus or mimo-unet-plusplus.")] = None,
-    weights: Annotated[str | None, typer.Option(
-        help="Checkpoint URI: path, file:// or s3:// (.pkl/.pth/.safetensors).")] = None,
-    random_weights: Annotated[bool, typer.Option(
-        help="Run untrained weights: a smoke test, the output is NOT deblurred.")] = False,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16.")] = None,
-    output_format: Annotated[str | None, typer.Option(
-        "--format", help="Output format: same, jpeg, png or webp.")] = None,
-    quality: Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")] = None,
-    tile_pixels: Annotated[int | None, typer.Option(
-        help="Images above this many pixels run as overlapping tiles.")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Images per shard.")] = None,
-    job_root: Annotated[str | None, typer.Option(
-        help="Where the job's ledger lives; default DEST/_deblur/<job_id>/.")] = None,
-    resume: Annotated[bool, typer.Option(
-        help="Finish the job already at --job-root (skips shards that have results).")] = False,
+    config: ConfigFile = None,
+    model: Model = None,
+    weights: Weights = None,
+    random_weights: RandomWeights = False,
+    precision: Precision = None,
+    output_format: OutputFormat = None,
+    quality: Quality = None,
+    tile_pixels: TilePixels = None,
+    shard_size: ShardSize = None,
+    job_root: JobRoot = None,
+    job_id: JobId = None,
+    resume: Resume = False,
     address: Address = None,
     min_workers: MinWorkers = None,
     max_workers: MaxWorkers = None,
     gpus_per_worker: GpusPerWorker = None,
     max_batch: MaxBatch = None,
-    metrics_port: Annotated[int | None, typer.Option(
-        help="Port of the driver's Prometheus /metrics (0: a free one).")] = None,
+    metrics_port: MetricsPort = None,
     quiet: Quiet = False,
 ) -> None:
     """Deblur every image of SOURCE into DESTINATION (same relative paths)."""
     from pipeline import config as config_mod
 
     overrides = {
-        "source": source, "destination": destination, "job_root": job_root,
-        "shard_size": shard_size, "model.name": model, "model.weights": weights,
-        "model.random_weights": random_weights or None, "model.precision": precision,
-        "model.tile_pixels": tile_pixels, "codec.output_format": output_format,
-        "codec.quality": quality, "metrics.port": metrics_port,
+        **_job_overrides(source, destination, job_root=job_root, shard_size=shard_size,
+                         model=model, weights=weights, random_weights=random_weights,
+                         precision=precision, tile_pixels=tile_pixels,
+                         output_format=output_format, quality=quality,
+                         metrics_port=metrics_port),
         **_pool_overrides(address, min_workers, max_workers, gpus_per_worker, max_batch),
     }
     job = _guard(config_mod.load, config, overrides)
-    code = _guard(_run_job, job, resume=resume, quiet=quiet)
+    code = _guard(_run_job, job, resume=resume, quiet=quiet, job_id=job_id)
     raise typer.Exit(code)
 
 
-def _run_job(job: Any, *, resume: bool, quiet: bool) -> int:
+def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None) -> int:
     from pipeline.scheduler import execute, open_or_plan
     from pipeline.storage import get_storage
 
     storage = get_storage(job.storage)
-    ledger = open_or_plan(job, storage, resume=resume)
+    ledger = open_or_plan(job, storage, resume=resume, job_id=job_id)
     status = ledger.status()
     shards = sorted(set(ledger.shard_ids()) - ledger.done_shards())
     typer.echo(f"job root: {ledger.job_root}")
@@ -131,6 +165,93 @@ def _run_job(job: Any, *, resume: bool, quiet: bool) -> int:
     outcome = execute(ledger.config(), ledger, shards, status.pending,
                       on_progress=None if quiet else _progress_printer())
     return _report(outcome)
+
+
+@app.command()
+def submit(
+    source: Source,
+    destination: Destination,
+    *,
+    address: Annotated[str, typer.Option(
+        envvar="RAY_API_SERVER_ADDRESS",
+        help="The cluster's dashboard / Jobs API URL, e.g. http://HEAD:8265. Authenticate with "
+             "RAY_AUTH_TOKEN; never expose this port unauthenticated.")],
+    config: ConfigFile = None,
+    model: Model = None,
+    weights: Weights = None,
+    random_weights: RandomWeights = False,
+    precision: Precision = None,
+    output_format: OutputFormat = None,
+    quality: Quality = None,
+    tile_pixels: TilePixels = None,
+    shard_size: ShardSize = None,
+    job_root: JobRoot = None,
+    job_id: JobId = None,
+    resume: Resume = False,
+    min_workers: MinWorkers = None,
+    max_workers: MaxWorkers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    max_batch: MaxBatch = None,
+    metrics_port: MetricsPort = None,
+    runtime_env: Annotated[Path | None, typer.Option(
+        help="Extra runtime_env (YAML/JSON: pip, env_vars, image_uri…); no credentials.")] = None,
+    follow: Annotated[bool, typer.Option(
+        help="Stream the job's logs until it ends; exit with its exit code.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the submission as JSON.")] = False,
+) -> None:
+    """Send the job to a running Ray cluster (Ray Jobs API); prints the submission id."""
+    from pipeline import config as config_mod
+
+    overrides = _job_overrides(source, destination, job_root=job_root, shard_size=shard_size,
+                               model=model, weights=weights, random_weights=random_weights,
+                               precision=precision, tile_pixels=tile_pixels,
+                               output_format=output_format, quality=quality,
+                               metrics_port=metrics_port)
+    overrides.update(_pool_overrides(None, min_workers, max_workers, gpus_per_worker, max_batch))
+    job = _guard(config_mod.load, config, overrides)
+    code = _guard(_submit, job, address, job_id=job_id, resume=resume,
+                  runtime_env=runtime_env, follow=follow, as_json=as_json)
+    raise typer.Exit(code)
+
+
+def _submit(job: Any, address: str, *, job_id: str | None, resume: bool,
+            runtime_env: Path | None, follow: bool, as_json: bool) -> int:
+    import dataclasses
+
+    from pipeline import submit as submit_mod
+
+    extra = submit_mod.load_runtime_env(runtime_env)
+    if not os.environ.get("RAY_AUTH_TOKEN") and os.environ.get("RAY_AUTH_MODE") != "token":
+        typer.echo("note: no RAY_AUTH_TOKEN (nor RAY_AUTH_MODE=token with ~/.ray/auth_token): "
+                   "only a cluster without token auth accepts this, and such a dashboard must "
+                   "never be reachable beyond a private network (docs/deploy.md)", err=True)
+    sub = submit_mod.submit(job, address, job_id=job_id, resume=resume, runtime_env=extra)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(sub)))
+    else:
+        typer.echo(f"submitted: {sub.submission_id}")
+        typer.echo(f"job root: {sub.job_root}")
+        typer.echo(f"logs: ray job logs --address {sub.address} -f {sub.submission_id}; "
+                   f"progress: deblur status {sub.job_root}")
+    if not follow:
+        return EXIT_OK
+    try:
+        status, exit_code = submit_mod.follow(address, sub.submission_id,
+                                              lambda text: typer.echo(text, nl=False))
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; the job keeps running on the cluster. "
+                   f"`deblur cancel {sub.job_root}` stops it after the shards in flight.",
+                   err=True)
+        return EXIT_STOPPED
+    typer.echo(f"{sub.submission_id}: {status}"
+               + (f" (exit code {exit_code})" if exit_code is not None else ""), err=True)
+    if status == "SUCCEEDED":
+        return EXIT_OK
+    if status == "STOPPED":
+        return EXIT_STOPPED
+    if exit_code in (EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_STOPPED):
+        return exit_code
+    return EXIT_RUNTIME
 
 
 @app.command()

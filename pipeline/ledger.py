@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -67,6 +68,17 @@ PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision
 """Failures a rerun cannot fix: they come from the manifest itself."""
 
 UPLOAD_THREADS = 16
+
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_job_id(job_id: str) -> str:
+    """Job ids name folders and Ray submissions: keep them to a safe, short alphabet."""
+    if not JOB_ID_PATTERN.match(job_id):
+        raise ConfigError(f"job id {job_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    return job_id
 
 
 def new_job_id() -> str:

@@ -348,10 +348,15 @@ def _weights_info(config: JobConfig) -> dict[str, Any]:
             "random_weights": False}
 
 
-def open_or_plan(config: JobConfig, storage: Any, *, resume: bool) -> Ledger:
-    """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``."""
+def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
+                 job_id: str | None = None) -> Ledger:
+    """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``.
+
+    ``job_id`` names a new job (``deblur submit`` picks it so the job root is known before the
+    cluster starts); default: UTC time + random.
+    """
     from pipeline.errors import ConfigError
-    from pipeline.ledger import default_job_root, new_job_id
+    from pipeline.ledger import check_job_id, default_job_root, new_job_id
 
     if config.job_root and storage.exists(config.job_root.rstrip("/") + "/job.json"):
         if not resume:
@@ -361,7 +366,7 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool) -> Ledger:
         return Ledger.open(storage, config.job_root)
     if resume and config.job_root is None:
         raise ConfigError("--resume needs --job-root: the job to resume")
-    job_id = new_job_id()
+    job_id = check_job_id(job_id) if job_id else new_job_id()
     if config.job_root is None:
         from dataclasses import replace
 

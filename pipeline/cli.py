@@ -285,8 +285,9 @@ def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
             data[section][name] = value
     job = config_mod.from_dict(data).validate()
     ledger.clear_cancel()
-    status = ledger.status()
-    shards = ledger.rerun_selection()
+    index = ledger.index()  # one read of the index serves both
+    status = ledger.status(index)
+    shards = ledger.rerun_selection(index=index)
     typer.echo(f"job root: {ledger.job_root}: rerunning {len(shards)} shards "
                f"({status.pending} pending, {status.failed} failed rows)")
     outcome = execute(job, ledger, shards, status.pending + status.failed,

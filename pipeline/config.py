@@ -172,6 +172,8 @@ class SchedulerConfig:
     """Shards in flight per actor (2 keeps the GPU busy across shard boundaries)."""
     max_attempts: int = 3
     """Attempts per shard on actor/node loss before its rows are recorded failed."""
+    index_interval_s: float = 30.0
+    """Seconds between writes of the ledger index (status/rerun read it instead of results)."""
     ray_num_gpus: int | None = None
     """Logical GPUs for an in-process Ray (default: as many as max_workers need on CPU)."""
 
@@ -185,6 +187,8 @@ class SchedulerConfig:
             )
         if self.shards_per_worker < 1 or self.max_attempts < 1:
             raise ConfigError("scheduler: shards_per_worker and max_attempts must be >= 1")
+        if self.index_interval_s <= 0:
+            raise ConfigError(f"scheduler.index_interval_s={self.index_interval_s}: must be > 0")
 
 
 @dataclass(frozen=True)

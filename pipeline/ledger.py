@@ -4,6 +4,7 @@ restarted driver on another machine) sees the same truth.
     <job_root>/job.json               config, source, model + weights digest, row/shard counts
     <job_root>/shards/00000.parquet   planned rows: row_id, key, output_key, reference, error
     <job_root>/results/00000.parquet  one row per shard row: ok, or failed with a reason
+    <job_root>/index.parquet          one summary row per done shard (the driver keeps it)
     <job_root>/cancel                 present while a cancel is requested
     <job_root>/summary.json           totals when a run ends
 
@@ -12,6 +13,12 @@ a shard is done iff its result object exists. A result is written whole (S3 put,
 rename) and only after every output of the shard was uploaded. A rerun merges: rows already ok
 are kept as they were, the rest are replaced, and the merge asserts that every row of the shard
 appears exactly once.
+
+The index makes status and rerun cost O(shards), not O(images): each row holds a shard's
+counts, failure reasons, finish times, quality sums and the version tag (ETag / mtime+size) of
+the result it summarises. Readers trust a row only while the listed result still has that tag,
+and summarise the few results written since (a driver that died before its last index write);
+the index is a cache of the results, never a second source of truth.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +75,81 @@ PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision
 """Failures a rerun cannot fix: they come from the manifest itself."""
 
 UPLOAD_THREADS = 16
+INDEX_NAME = "index.parquet"
+QUALITY_FIGURES = ("psnr", "ssim", "sharpness_ratio")
+
+INDEX_SCHEMA = pa.schema([
+    pa.field("shard", pa.int64(), nullable=False),
+    pa.field("rows", pa.int64()),
+    pa.field("ok", pa.int64()),
+    pa.field("failed", pa.int64()),
+    pa.field("rerunnable", pa.bool_()),  # has failed rows a rerun could fix
+    pa.field("reasons", pa.string()),  # JSON {"reason": count}
+    pa.field("first_finished", pa.float64()),
+    pa.field("last_finished", pa.float64()),
+    pa.field("tag", pa.string()),  # version of the result object summarised
+    pa.field("quality", pa.string()),  # JSON {"psnr": [sum, count], …} over ok rows
+])
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSummary:
+    """One index row. Text fields stay JSON so a 100k-shard index is small in the driver."""
+
+    shard: int
+    rows: int
+    ok: int
+    failed: int
+    rerunnable: bool
+    reasons: str
+    first_finished: float | None
+    last_finished: float | None
+    tag: str | None
+    quality: str
+
+    def reason_counts(self) -> dict[str, int]:
+        return json.loads(self.reasons) if self.reasons else {}
+
+
+def summarise(shard_id: int, table: pa.Table, tag: str | None) -> ShardSummary:
+    """The index row for one shard's result table."""
+    status = table["status"]
+    ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+    failed_rows = table.filter(pc.equal(status, "failed"))
+    reasons: dict[str, int] = {}
+    for reason in failed_rows["reason"].to_pylist():
+        reasons[reason or "unknown"] = reasons.get(reason or "unknown", 0) + 1
+    ok_rows = table.filter(pc.equal(status, "ok"))
+    quality = {}
+    for name in QUALITY_FIGURES:
+        values = pc.drop_null(ok_rows[name])
+        values = values.filter(pc.is_finite(values)) if len(values) else values
+        if len(values):
+            quality[name] = [float(pc.sum(values).as_py()), len(values)]
+    finished = table["finished_at"]
+    return ShardSummary(
+        shard=shard_id, rows=table.num_rows, ok=ok, failed=table.num_rows - ok,
+        rerunnable=bool(set(reasons) - PERMANENT_REASONS),
+        reasons=json.dumps(reasons, sort_keys=True) if reasons else "",
+        first_finished=pc.min(finished).as_py(), last_finished=pc.max(finished).as_py(),
+        tag=tag, quality=json.dumps(quality, sort_keys=True) if quality else "")
+
+
+def quality_means(summaries: Iterable[ShardSummary]) -> dict[str, float]:
+    """Means over ok rows of the whole job (summary.json, `deblur status`), from the index."""
+    totals: dict[str, list[float]] = {}
+    for summary in summaries:
+        for name, (total, count) in (json.loads(summary.quality) if summary.quality
+                                     else {}).items():
+            acc = totals.setdefault(name, [0.0, 0])
+            acc[0] += total
+            acc[1] += count
+    out: dict[str, float] = {}
+    for name in QUALITY_FIGURES:
+        if name in totals and totals[name][1]:
+            out[f"mean_{name}"] = totals[name][0] / totals[name][1]
+            out[f"{name}_count"] = int(totals[name][1])
+    return out
 
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -133,6 +215,7 @@ class Ledger:
         self.storage = storage
         self.job_root = as_folder(job_root)
         self._job: dict[str, Any] | None = None
+        self.index_stale = 0
 
     def _path(self, *parts: str) -> str:
         return self.job_root + "/".join(parts)
@@ -239,15 +322,26 @@ class Ledger:
 
     def pending_rows(self, shard_id: int) -> pa.Table:
         """The shard's rows that are not ok yet (all of them on a first run)."""
+        return self.pending(shard_id)[0]
+
+    def pending(self, shard_id: int) -> tuple[pa.Table, pa.Table | None]:
+        """The shard's rows that are not ok yet, and its previous result (None on a first run).
+
+        Workers pass both on to ``commit`` so a shard's planned rows are read once per attempt.
+        """
         rows = self.read_shard(shard_id)
         previous = self.read_result(shard_id)
         if previous is None:
-            return rows
+            return rows, None
         ok = previous.filter(pc.equal(previous["status"], "ok"))["row_id"]
-        return rows.filter(pc.invert(pc.is_in(rows["row_id"], value_set=ok)))
+        return rows.filter(pc.invert(pc.is_in(rows["row_id"], value_set=ok))), previous
 
-    def commit(self, shard_id: int, results: pa.Table) -> None:
+    def commit(self, shard_id: int, results: pa.Table,
+               planned_ids: pa.Array | None = None) -> ShardSummary:
         """Write the shard's result: previous ok rows kept, the rest replaced by ``results``.
+
+        Returns the shard's index row (the worker hands it to the driver in its report).
+        ``planned_ids``: the shard's planned row ids, if the caller has them (saves a read).
 
         Raises AssertionError (a bug, never an input problem) unless every row of the shard
         appears exactly once.
@@ -259,7 +353,11 @@ class Ledger:
                 pc.equal(previous["status"], "ok"),
                 pc.invert(pc.is_in(previous["row_id"], value_set=results["row_id"]))))
             results = pa.concat_tables([kept, results])
-        expected = self.read_shard(shard_id)["row_id"].to_pylist()
+        # The previous result is re-read (another attempt may have committed since); the
+        # planned row ids never change, so a caller that read them passes them in.
+        if planned_ids is None:
+            planned_ids = self.read_shard(shard_id)["row_id"]
+        expected = planned_ids.to_pylist()
         got = sorted(results["row_id"].to_pylist())
         if got != sorted(expected):
             missing = sorted(set(expected) - set(got))[:5]
@@ -267,7 +365,9 @@ class Ledger:
             raise AssertionError(f"shard {shard_id} result would lose rows {missing} or repeat "
                                  f"{extra}; refusing to commit")
         results = results.sort_by("row_id")
-        self.storage.put(self._path("results", _shard_name(shard_id)), _parquet_bytes(results))
+        tag = self.storage.put(self._path("results", _shard_name(shard_id)),
+                               _parquet_bytes(results))
+        return summarise(shard_id, results, tag)
 
     def iter_results(self) -> Iterator[pa.Table]:
         for shard in sorted(self.done_shards()):
@@ -275,42 +375,81 @@ class Ledger:
             if table is not None:
                 yield table
 
-    def rerun_selection(self, all_failed: bool = False) -> list[int]:
-        """Shards with no result, or with failed rows a rerun could fix."""
-        done = self.done_shards()
-        selected = [s for s in self.shard_ids() if s not in done]
-        for shard in sorted(done):
-            table = self.read_result(shard)
-            if table is None:
-                continue
-            failed = table.filter(pc.equal(table["status"], "failed"))
-            reasons = set(failed["reason"].to_pylist())
-            if reasons - PERMANENT_REASONS or (all_failed and reasons):
-                selected.append(shard)
-        return sorted(selected)
+    # -- the index: status and rerun in O(shards) -------------------------------------------
 
-    def status(self) -> JobStatus:
+    def write_index(self, summaries: Iterable[ShardSummary]) -> None:
+        """Replace index.parquet with these rows (the driver's view of every done shard)."""
+        rows = sorted(summaries, key=lambda r: r.shard)
+        columns = {name: [getattr(r, name) for r in rows] for name in INDEX_SCHEMA.names}
+        table = pa.Table.from_pydict(columns, schema=INDEX_SCHEMA)
+        self.storage.put(self._path(INDEX_NAME), _parquet_bytes(table))
+
+    def read_index(self) -> dict[int, ShardSummary]:
+        try:
+            data = self.storage.get(self._path(INDEX_NAME))
+        except NotFoundError:
+            return {}
+        table = pq.read_table(io.BytesIO(data), schema=INDEX_SCHEMA)
+        return {row["shard"]: ShardSummary(**row) for row in table.to_pylist()}
+
+    def index(self) -> dict[int, ShardSummary]:
+        """Every done shard's summary: index.parquet, checked against one listing of results.
+
+        Costs one GET, ceil(shards/1000) LISTs and one GET per result written since the index
+        (none after a clean run). ``self.index_stale`` says how many results had to be read.
+        """
+        cached = self.read_index()
+        current: dict[int, ShardSummary] = {}
+        stale: list[tuple[int, str | None]] = []
+        try:
+            for info in self.storage.list(self._path("results"), (".parquet",)):
+                name = info.key.rsplit("/", 1)[-1]
+                if not name[:5].isdigit():
+                    continue
+                shard = int(name[:5])
+                row = cached.get(shard)
+                if row is not None and row.tag is not None and row.tag == info.etag:
+                    current[shard] = row
+                else:
+                    stale.append((shard, info.etag))
+        except NotFoundError:
+            pass  # no results folder yet
+        for shard, tag in stale:
+            table = self.read_result(shard)
+            if table is not None:
+                current[shard] = summarise(shard, table, tag)
+        self.index_stale = len(stale)
+        return current
+
+    def rerun_selection(self, all_failed: bool = False,
+                        index: dict[int, ShardSummary] | None = None) -> list[int]:
+        """Shards with no result, or with failed rows a rerun could fix."""
+        index = self.index() if index is None else index
+        selected = []
+        for shard in self.shard_ids():
+            row = index.get(shard)
+            if row is None or row.rerunnable or (all_failed and row.failed):
+                selected.append(shard)
+        return selected
+
+    def status(self, index: dict[int, ShardSummary] | None = None) -> JobStatus:
         job = self.job()
+        index = self.index() if index is None else index
         ok = failed = 0
         reasons: dict[str, int] = {}
         first = last = None
-        done = 0
-        for table in self.iter_results():
-            done += 1
-            status = table["status"]
-            n_ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
-            ok += n_ok
-            failed += table.num_rows - n_ok
-            for reason in table.filter(pc.equal(status, "failed"))["reason"].to_pylist():
-                reasons[reason or "unknown"] = reasons.get(reason or "unknown", 0) + 1
-            finished = table["finished_at"]
-            lo, hi = pc.min(finished).as_py(), pc.max(finished).as_py()
-            if lo is not None:
-                first = lo if first is None else min(first, lo)
-                last = hi if last is None else max(last, hi)
+        for row in index.values():
+            ok += row.ok
+            failed += row.failed
+            for reason, count in row.reason_counts().items():
+                reasons[reason] = reasons.get(reason, 0) + count
+            if row.first_finished is not None:
+                first = row.first_finished if first is None else min(first, row.first_finished)
+            if row.last_finished is not None:
+                last = row.last_finished if last is None else max(last, row.last_finished)
         throughput = ok / (last - first) if first is not None and last and last > first else None
         return JobStatus(total=int(job["rows"]), ok=ok, failed=failed,
-                         pending=int(job["rows"]) - ok - failed, shards_done=done,
+                         pending=int(job["rows"]) - ok - failed, shards_done=len(index),
                          shards_total=int(job["shards"]), failures_by_reason=reasons,
                          throughput=throughput, cancel_requested=self.cancel_requested())
 

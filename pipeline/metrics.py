@@ -102,6 +102,7 @@ class JobMetrics:
         self.shard_retries.labels(job_id)
         self.pending.labels(job_id)
         self.expected.labels(job_id)
+        self.latency = LatencySample()
         self.totals: dict[str, Any] = {"ok": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0,
                                        "batches": 0, "batch_images": 0, "fill_sum": 0.0,
                                        "storage_retries": 0, "failures": {}}
@@ -143,6 +144,7 @@ class JobMetrics:
             self.bytes.labels(job, direction).inc(amount)
             self.totals[f"bytes_{direction}"] += amount
         for stage, values in (m.get("stages") or {}).items():
+            self.latency.add(stage, values)
             child = self.stage.labels(job, stage)
             for ms in values:
                 child.observe(ms / 1000.0)
@@ -218,18 +220,42 @@ class SnapshotWriter:
             log.warning("metrics snapshot not written: %s", exc)
 
 
-def latency_percentiles(tables: list[Any]) -> dict[str, dict[str, float]]:
-    """p50/p95/p99 per stage (ms) over ok rows of result tables (for summary.json)."""
+class LatencySample:
+    """A fixed-size uniform sample of each stage's latencies (reservoir sampling, seeded).
+
+    summary.json's percentiles come from here, so the driver's memory does not grow with the
+    number of images; they are exact while a stage has at most ``size`` values.
+    """
+
+    def __init__(self, size: int = 50_000, seed: int = 0) -> None:
+        import random
+
+        self.size = size
+        self.random = random.Random(seed)
+        self.values: dict[str, list[float]] = {}
+        self.seen: dict[str, int] = {}
+
+    def add(self, stage: str, values: Any) -> None:
+        kept = self.values.setdefault(stage, [])
+        seen = self.seen.get(stage, 0)
+        for value in values:
+            seen += 1
+            if len(kept) < self.size:
+                kept.append(value)
+            else:
+                slot = self.random.randrange(seen)
+                if slot < self.size:
+                    kept[slot] = value
+        self.seen[stage] = seen
+
+
+def latency_percentiles(sample: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """p50/p95/p99 per stage (ms) for summary.json, from ``{stage: values in ms}``."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     out: dict[str, dict[str, float]] = {}
-    if not tables:
-        return out
-    table = pa.concat_tables(tables)
     for stage in STAGES:
-        values = pc.drop_null(table[f"{stage}_ms"]).to_numpy(zero_copy_only=False)
+        values = np.asarray(sample.get(stage) or (), dtype=np.float64)
         if len(values):
             p50, p95, p99 = np.percentile(values, [50, 95, 99])
             out[stage] = {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
-from pipeline.ledger import RESULT_SCHEMA, Ledger
+from pipeline.ledger import RESULT_SCHEMA, Ledger, ShardSummary, quality_means
 
 log = logging.getLogger("pipeline.scheduler")
 
@@ -103,12 +103,24 @@ class Scheduler:
         self.queue: deque[tuple[int, int]] = deque()
         self.next_actor = 0
         self.config_dict = config.to_dict()
+        # Done shards' summaries (the ledger's index), written every index_interval_s and at
+        # the end, so status and rerun read one object instead of every result.
+        self.index: dict[int, ShardSummary] = {}
+        self.index_written = time.monotonic()
+        self.index_dirty = False
+        self.last_idle_check = 0.0
 
     # -- public ----------------------------------------------------------------------------
 
-    def run(self, shards: list[int], rows_total: int) -> Progress:
-        """Process ``shards`` (pending ones, chosen by the caller through the ledger)."""
+    def run(self, shards: list[int], rows_total: int,
+            index: dict[int, ShardSummary] | None = None) -> Progress:
+        """Process ``shards`` (pending ones, chosen by the caller through the ledger).
+
+        ``index`` is the ledger's index as the caller read it (summaries of shards done before
+        this run); this run's shards are added to it and it is written back as they finish.
+        """
         progress = Progress(shards_total=len(shards), rows_total=rows_total)
+        self.index = dict(index) if index is not None else self.ledger.index()
         self.queue.extend((shard, 1) for shard in shards)
         last_cancel_check = 0.0
         try:
@@ -122,6 +134,7 @@ class Scheduler:
                 self._scale()
                 self._dispatch()
                 self._wait(progress)
+                self._maybe_write_index()
                 progress.workers_active = sum(s.ready for s in self.actors.values())
                 progress.workers_pending = len(self.actors) - progress.workers_active
                 if self.metrics is not None:
@@ -133,7 +146,21 @@ class Scheduler:
                         "finishes the job")
         finally:
             self.shutdown()
+            self._maybe_write_index(force=True)
         return progress
+
+    def _maybe_write_index(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.index_dirty or (
+                not force and now - self.index_written < self.config.scheduler.index_interval_s):
+            return
+        try:
+            self.ledger.write_index(self.index.values())
+        except Exception as exc:  # noqa: BLE001 - the index is a cache; results stay the truth
+            log.warning("could not write the ledger index (status will read results "
+                        "instead): %s", exc)
+            return
+        self.index_written, self.index_dirty = now, False
 
     def shutdown(self) -> None:
         for slot in list(self.actors.values()):
@@ -151,6 +178,9 @@ class Scheduler:
         while len(self.actors) < target:
             self._spawn()
         now = time.monotonic()
+        if now - self.last_idle_check < 1.0:  # O(actors): once a second is plenty
+            return
+        self.last_idle_check = now
         for slot in list(self.actors.values()):
             idle = slot.ready and not slot.in_flight and not self.queue
             if (idle and len(self.actors) > sched.min_workers
@@ -191,7 +221,13 @@ class Scheduler:
         if not self.refs:
             time.sleep(0.05)
             return
-        done, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=0.5)
+        refs = list(self.refs)
+        done, rest = self.ray.wait(refs, num_returns=1, timeout=0.5)
+        if done and rest:
+            # Everything else already finished, in one call: at hundreds of workers, handling
+            # one completion per loop would spend the loop on the bookkeeping around it.
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+            done += more
         for ref in done:
             name = self.refs.pop(ref, None)
             slot = self.actors.get(name) if name else None
@@ -240,6 +276,9 @@ class Scheduler:
         progress.rows_done += report["rows"]
         progress.ok += report["ok"]
         progress.failed += report["failed"]
+        if report.get("summary") is not None:
+            self.index[shard] = report["summary"]
+            self.index_dirty = True
         if self.metrics is not None:
             self.metrics.observe_shard(report)
 
@@ -272,7 +311,9 @@ class Scheduler:
                           error=f"{row['key']}: shard {shard} gave up after {attempt} "
                                 f"attempts: {detail}")
             rows.append(failed)
-        self.ledger.commit(shard, pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+        self.index[shard] = self.ledger.commit(shard, pa.Table.from_pylist(rows,
+                                                                            schema=RESULT_SCHEMA))
+        self.index_dirty = True
         return len(rows)
 
 
@@ -404,7 +445,8 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
         scheduler = Scheduler(config, ledger, progressed, actor_class, metrics)
         progress = scheduler.run(shards, rows)
         snapshots.maybe_write(progress, force=True)
-        status = ledger.status()
+        index = ledger.index()  # the index just written, checked against one listing
+        status = ledger.status(index)
         summary = status.to_dict()
         final = metrics.snapshot(progress)
         summary["run"] = {"seconds": time.monotonic() - progress.started,
@@ -415,11 +457,9 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
                           "storage_retries": final["storage_retries"],
                           "bytes_in": final["bytes_in"], "bytes_out": final["bytes_out"],
                           "images_per_s_over_time": snapshots.series}
-        from pipeline.quality import summarize
-
-        results = list(ledger.iter_results())
-        summary["latency_ms"] = latency_percentiles(results)
-        summary["quality"] = summarize(results)
+        # Both from bounded state (a latency sample, the index's sums): no result is re-read.
+        summary["latency_ms"] = latency_percentiles(metrics.latency.values)
+        summary["quality"] = quality_means(index.values())
         summary["model"] = model
         ledger.storage.put(ledger.job_root.rstrip("/") + "/summary.json",
                            json.dumps(summary, indent=2, default=str).encode())

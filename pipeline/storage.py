@@ -13,6 +13,7 @@ name exists), which is both atomic and exclusive.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -103,6 +104,14 @@ class Storage:
         self.retries = 0
         """Requests botocore had to retry (throttles, resets); exported as a metric."""
         self.requests = 0
+        self.ops: collections.Counter[str] = collections.Counter()
+        """Requests by S3 class (GET, PUT, LIST, HEAD, DELETE), counted the same way for local
+        folders (a LIST per 1000 names), so benchmarks can price a job on either."""
+
+    def _count(self, op: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self.ops[op] += n
 
     # -- the S3 client ---------------------------------------------------------------------
 
@@ -171,6 +180,7 @@ class Storage:
 
     def get(self, uri: str) -> bytes:
         """The object's bytes. Raises NotFoundError, AccessDeniedError, ThrottledError, …"""
+        self._count("GET")
         if is_s3(uri):
             bucket, key = parse_s3(uri)
             response = self._call(uri, "get_object", Bucket=bucket, Key=key)
@@ -192,17 +202,24 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc.strerror}", uri) from None
 
-    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
-        """Write the whole object; readers see the old one or the new one, never a part."""
+    def put(self, uri: str, data: bytes, content_type: str | None = None) -> str | None:
+        """Write the whole object; readers see the old one or the new one, never a part.
+
+        Returns the written version's tag, the same string ``list`` and ``head`` report as
+        ``etag`` (S3: the ETag; local: mtime and size), so a reader can tell whether an object
+        changed since someone summarised it.
+        """
+        self._count("PUT")
         if is_s3(uri):
             bucket, key = parse_s3(uri)
             extra = {"ContentType": content_type} if content_type else {}
-            self._call(uri, "put_object", Bucket=bucket, Key=key, Body=data, **extra)
-            return
+            reply = self._call(uri, "put_object", Bucket=bucket, Key=key, Body=data, **extra)
+            return (reply.get("ETag") or "").strip('"') or None
         path = to_local_path(uri)
         tmp = self._write_temp(uri, path, data)
         try:
             os.replace(tmp, path)
+            return _local_tag(os.stat(path))
         except OSError as exc:
             _unlink(tmp)
             raise StorageError(f"cannot write {uri}: {exc.strerror}", uri) from None
@@ -213,6 +230,7 @@ class Storage:
         Of two racing writers exactly one succeeds (S3 conditional write ``If-None-Match: *``;
         locally a hard link, which fails when the name exists).
         """
+        self._count("PUT")
         if is_s3(uri):
             bucket, key = parse_s3(uri)
             try:
@@ -255,6 +273,7 @@ class Storage:
         only names ending in one of them (case-insensitive).
         """
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+        self._count("LIST")  # the first page; each further 1000 names below
         if is_s3(prefix):
             folder = as_folder(prefix) if parse_s3(prefix)[1] else prefix.rstrip("/") + "/"
             bucket, key_prefix = parse_s3(folder)
@@ -262,7 +281,9 @@ class Storage:
             from botocore.exceptions import BotoCoreError, ClientError
 
             try:
-                for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
+                for page_no, page in enumerate(paginator.paginate(Bucket=bucket,
+                                                                   Prefix=key_prefix)):
+                    self._count("LIST", page_no > 0)
                     for obj in page.get("Contents", ()):
                         key = obj["Key"]
                         if wanted and not key.lower().endswith(wanted):
@@ -280,10 +301,13 @@ class Storage:
         root = to_local_path(prefix)
         if not os.path.isdir(root):
             raise NotFoundError(f"{prefix} is not a folder", prefix)
-        yield from _walk(root, root, wanted)
+        for count, info in enumerate(_walk(root, root, wanted), 1):
+            self._count("LIST", count % 1000 == 1 and count > 1)
+            yield info
 
     def head(self, uri: str) -> ObjectInfo:
         """Size and modification time of one object; NotFoundError if absent."""
+        self._count("HEAD")
         if is_s3(uri):
             bucket, key = parse_s3(uri)
             meta = self._call(uri, "head_object", Bucket=bucket, Key=key)
@@ -300,7 +324,7 @@ class Storage:
         if not os.path.isfile(path):
             raise NotFoundError(f"{uri} is not a file", uri)
         return ObjectInfo(uri=uri, key=os.path.basename(path), size=st.st_size,
-                          mtime=st.st_mtime)
+                          mtime=st.st_mtime, etag=_local_tag(st))
 
     def exists(self, uri: str) -> bool:
         try:
@@ -311,6 +335,7 @@ class Storage:
 
     def delete(self, uri: str) -> None:
         """Remove the object; absent objects are fine (delete is idempotent)."""
+        self._count("DELETE")
         if is_s3(uri):
             bucket, key = parse_s3(uri)
             self._call(uri, "delete_object", Bucket=bucket, Key=key)
@@ -336,7 +361,12 @@ def _walk(root: str, folder: str, wanted: tuple[str, ...] | None) -> Iterator[Ob
                 continue
             st = entry.stat()
             yield ObjectInfo(uri=entry.path, key=os.path.relpath(entry.path, root),
-                             size=st.st_size, mtime=st.st_mtime)
+                             size=st.st_size, mtime=st.st_mtime, etag=_local_tag(st))
+
+
+def _local_tag(st: os.stat_result) -> str:
+    """A local file's version: a rewrite changes its nanosecond mtime (or its size)."""
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
 def _unlink(path: str) -> None:

@@ -191,13 +191,15 @@ class ShardProcessor:
         busy_before = self.engine.busy_s
         retries_before = self.storage.retries
         ledger = Ledger(self.storage, job_root)
-        rows = ledger.pending_rows(shard_id).to_pylist()
-        previous = ledger.read_result(shard_id)
+        pending, previous = ledger.pending(shard_id)
+        planned_ids = pending["row_id"] if previous is None else None
+        rows = pending.to_pylist()
         tries = {} if previous is None else dict(zip(previous["row_id"].to_pylist(),
                                                      previous["attempt"].to_pylist()))
         items = [self._start(row, attempt + (tries.get(row["row_id"]) or 0)) for row in rows]
         results = [item.done.result() for item in items]
-        ledger.commit(shard_id, pa.Table.from_pylist(results, schema=RESULT_SCHEMA))
+        summary = ledger.commit(shard_id, pa.Table.from_pylist(results, schema=RESULT_SCHEMA),
+                                planned_ids)
         ok = sum(r["status"] == "ok" for r in results)
         wall = time.perf_counter() - start
         batches, busy_after, queue_peak = self.engine.drain_stats()
@@ -217,7 +219,7 @@ class ShardProcessor:
         }
         return {"shard": shard_id, "rows": len(results), "ok": ok, "failed": len(results) - ok,
                 "seconds": wall, "worker": self.worker_id, "attempt": attempt,
-                "metrics": metrics}
+                "summary": summary, "metrics": metrics}
 
     def _start(self, row: dict[str, Any], attempt: int) -> Item:
         base = {name: None for name in RESULT_SCHEMA.names}

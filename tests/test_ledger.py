@@ -113,3 +113,53 @@ def test_cancel_flag_and_list_jobs(storage: Storage, root: str) -> None:
     jobs = list_jobs(storage, join(root, "out"))
     assert [j["job_id"] for j in jobs] == ["20260101-000000-aaaaaa"]
     assert jobs[0]["rows"] == 3 and jobs[0]["shards_done"] == 0
+
+
+def test_status_and_rerun_read_the_index_not_every_result(storage: Storage, root: str) -> None:
+    ledger = _create(storage, root, 40, shard_size=2)  # 20 shards
+    summaries = [ledger.commit(s, _result(ledger.pending_rows(s), {2 * s: "failed"}
+                                          if s % 5 == 0 else {})) for s in range(20)]
+    ledger.write_index(summaries)
+
+    reader = Storage()  # counts only the reader's own requests
+    fresh = Ledger.open(reader, ledger.job_root)
+    before = dict(reader.ops)
+    status = fresh.status()
+    selection = fresh.rerun_selection()
+    used = {k: v - before.get(k, 0) for k, v in reader.ops.items()}
+    assert (status.ok, status.failed, status.shards_done) == (36, 4, 20)
+    assert status.failures_by_reason == {"not_found": 4}
+    assert selection == [0, 5, 10, 15]
+    # index + one listing each, whatever the number of shards: no result file is read
+    assert used["GET"] == 2 and used["LIST"] == 2 and fresh.index_stale == 0
+
+    # without the index, the same answers come from every result (the slow path)
+    reader.delete(ledger.job_root + "index.parquet")
+    assert Ledger.open(Storage(), ledger.job_root).status().to_dict() == status.to_dict()
+
+
+def test_a_result_newer_than_the_index_is_read_again(storage: Storage, root: str) -> None:
+    ledger = _create(storage, root, 8, shard_size=4)
+    first = [ledger.commit(s, _result(ledger.pending_rows(s), {s * 4: "failed"}))
+             for s in range(2)]
+    ledger.write_index(first)
+    time.sleep(0.01)  # a new local mtime; S3 gives the new object a new ETag
+    ledger.commit(0, _result(ledger.pending_rows(0), {}, attempt=2))  # a rerun fixed shard 0
+    fresh = Ledger.open(Storage(), ledger.job_root)
+    status = fresh.status()
+    assert fresh.index_stale == 1
+    assert (status.ok, status.failed) == (7, 1)
+    assert fresh.rerun_selection() == [1]
+
+
+def test_quality_means_come_from_the_index(storage: Storage, root: str) -> None:
+    from pipeline.ledger import quality_means
+
+    ledger = _create(storage, root, 4, shard_size=2)
+    summaries = []
+    for s, psnr in ((0, [30.0, 32.0]), (1, [28.0, None])):
+        table = _result(ledger.pending_rows(s), {})
+        table = table.set_column(table.schema.get_field_index("psnr"), "psnr",
+                                 pa.array(psnr, pa.float32()))
+        summaries.append(ledger.commit(s, table))
+    assert quality_means(summaries) == {"mean_psnr": 30.0, "psnr_count": 3}

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import generate_latest
 
-from pipeline.metrics import METRIC_NAMES, JobMetrics, latency_percentiles
+from pipeline.metrics import METRIC_NAMES, JobMetrics, LatencySample, latency_percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "deblur-dashboard.json"
@@ -81,10 +81,18 @@ def test_shard_reports_fold_into_snapshot() -> None:
     assert snap["failures_by_reason"] == {"corrupt": 1} and snap["storage_retries"] == 2
 
 
-def test_latency_percentiles_from_results() -> None:
-    import pyarrow as pa
-
-    table = pa.table({f"{s}_ms": pa.array([float(i) for i in range(101)]) for s in
-                      ("fetch", "decode", "infer", "encode", "upload")})
-    figures = latency_percentiles([table])
+def test_latency_percentiles_from_the_driver_sample() -> None:
+    sample = LatencySample(size=1000)
+    for start in range(0, 101, 10):  # shards report their latencies in pieces
+        sample.add("infer", [float(i) for i in range(start, min(start + 10, 101))])
+    figures = latency_percentiles(sample.values)
     assert figures["infer"] == {"p50_ms": 50.0, "p95_ms": 95.0, "p99_ms": 99.0}
+    assert "fetch" not in figures
+
+
+def test_latency_sample_memory_is_bounded_and_stays_uniform() -> None:
+    sample = LatencySample(size=2000, seed=1)
+    sample.add("decode", (float(i % 1000) for i in range(200_000)))
+    assert len(sample.values["decode"]) == 2000 and sample.seen["decode"] == 200_000
+    p50 = latency_percentiles(sample.values)["decode"]["p50_ms"]
+    assert 450 < p50 < 550  # a uniform 0..999 stream keeps its median

@@ -474,6 +474,47 @@ def samples(
                f"(sharp references in {reference_folder(folder)})")
 
 
+@app.command()
+def plan(
+    source: Source,
+    destination: Destination,
+    *,
+    config: ConfigFile = None,
+    model: Model = None,
+    shard_size: ShardSize = None,
+    gpus: Annotated[int, typer.Option(help="Devices the job would run on.")] = 1,
+    gpu_type: Annotated[str, typer.Option(
+        help="Device type with a measured throughput figure (pipeline/plan.py).")] = "cpu-dev",
+    sample: Annotated[int, typer.Option(help="Image headers to read (a seeded sample).")] = 200,
+    seed: Annotated[int, typer.Option(help="Sample seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(
+        help="Also write the report as JSON to this file (nothing is written otherwise).")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Dry run: count, sizes, problems, GPU-hours and requests of a job. Writes nothing."""
+    from pipeline import config as config_mod
+
+    overrides = {"source": source, "destination": destination, "shard_size": shard_size,
+                 "model.name": model, "model.random_weights": True}
+    job = _guard(config_mod.load, config, overrides)
+    _guard(_plan, job, gpus=gpus, gpu_type=gpu_type, sample=sample, seed=seed, out=out,
+           as_json=as_json)
+
+
+def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Path | None,
+          as_json: bool) -> None:
+    from pipeline import plan as plan_mod
+    from pipeline.storage import get_storage
+
+    report = plan_mod.estimate(job, get_storage(job.storage), gpus=gpus, gpu_type=gpu_type,
+                               sample_size=sample, seed=seed)
+    data = json.dumps(report.to_dict(), indent=2)
+    typer.echo(data if as_json else plan_mod.render(report))
+    if out is not None:
+        out.write_text(data + "\n")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline.scheduler").setLevel(logging.INFO)  # workers, metrics URL

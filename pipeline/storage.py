@@ -202,6 +202,36 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc.strerror}", uri) from None
 
+    def get_range(self, uri: str, length: int) -> bytes:
+        """The object's first ``length`` bytes (all of it if shorter): image headers."""
+        self._count("GET")
+        if is_s3(uri):
+            bucket, key = parse_s3(uri)
+            try:
+                response = self._call(uri, "get_object", Bucket=bucket, Key=key,
+                                      Range=f"bytes=0-{max(length, 1) - 1}")
+            except StorageError as exc:
+                if "InvalidRange" in str(exc) or "416" in str(exc):
+                    return b""  # S3 answers a range on a zero-byte object with 416
+                raise
+            try:
+                return response["Body"].read()
+            except Exception as exc:  # noqa: BLE001 - a reset mid-body
+                raise StorageError(f"reading {uri} failed mid-transfer: "
+                                   f"{type(exc).__name__}", uri) from None
+        path = to_local_path(uri)
+        try:
+            with open(path, "rb") as handle:
+                return handle.read(length)
+        except FileNotFoundError:
+            raise NotFoundError(f"{uri} does not exist", uri) from None
+        except IsADirectoryError:
+            raise NotFoundError(f"{uri} is a folder, not a file", uri) from None
+        except PermissionError:
+            raise AccessDeniedError(f"no permission to read {uri}", uri) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror}", uri) from None
+
     def put(self, uri: str, data: bytes, content_type: str | None = None) -> str | None:
         """Write the whole object; readers see the old one or the new one, never a part.
 

@@ -493,13 +493,25 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Dry run: count, sizes, problems, GPU-hours and requests of a job. Writes nothing."""
-    from pipeline import config as config_mod
-
     overrides = {"source": source, "destination": destination, "shard_size": shard_size,
-                 "model.name": model, "model.random_weights": True}
-    job = _guard(config_mod.load, config, overrides)
+                 "model.name": model}
+    job = _guard(_plan_config, config, overrides)
     _guard(_plan, job, gpus=gpus, gpu_type=gpu_type, sample=sample, seed=seed, out=out,
            as_json=as_json)
+
+
+def _plan_config(path: Path | None, overrides: dict[str, Any]) -> Any:
+    """The job config as `run` loads it; a plan needs no weights, so none given is fine."""
+    from pipeline import config as config_mod
+    from pipeline.errors import ConfigError
+
+    try:
+        return config_mod.load(path, overrides)
+    except ConfigError as first:
+        try:  # missing weights were the only problem if it loads as a random-weights config
+            return config_mod.load(path, {**overrides, "model.random_weights": True})
+        except ConfigError:
+            raise first from None
 
 
 def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Path | None,

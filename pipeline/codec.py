@@ -22,6 +22,7 @@ import io
 import posixpath
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,19 +60,26 @@ class DecodedImage:
     exif: bytes | None = None
 
 
+def _head(stream: BinaryIO) -> bytes:
+    stream.seek(0)
+    return stream.read(8)
+
+
 def _fail(reason: str, name: str, what: str) -> ImageError:
     return ImageError(reason, f"{name}: {what}")
 
 
-def decode(data: bytes, name: str, config: CodecConfig) -> DecodedImage:
-    """Decode ``data`` (the object called ``name``, for messages) into RGB pixels."""
-    if not data:
-        raise _fail("empty", name, "zero-byte object; re-upload the image")
+def open_header(stream: BinaryIO, name: str, config: CodecConfig) -> Image.Image:
+    """Open the image in ``stream`` reading its header only: format, size and the limits.
+
+    ``decode`` starts with it and ``deblur plan`` calls it on ranged reads, so both give the
+    same verdict (unsupported_format, corrupt, too_large) before any pixel is decoded.
+    """
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(stream)
     except UnidentifiedImageError:
         raise _fail("unsupported_format", name,
-                    f"not a recognised image ({len(data)} bytes starting {data[:8]!r}); "
+                    f"not a recognised image (starts {_head(stream)!r}); "
                     f"supported: {', '.join(sorted(FORMATS.values()))}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on a broken header
         raise _fail("corrupt", name, f"unreadable header ({type(exc).__name__}: {exc})") from None
@@ -86,6 +94,14 @@ def decode(data: bytes, name: str, config: CodecConfig) -> DecodedImage:
         raise _fail("too_large", name,
                     f"{width}x{height} = {width * height:,} pixels exceeds codec.max_pixels="
                     f"{config.max_pixels:,}; raise it if the image is genuine")
+    return img
+
+
+def decode(data: bytes, name: str, config: CodecConfig) -> DecodedImage:
+    """Decode ``data`` (the object called ``name``, for messages) into RGB pixels."""
+    if not data:
+        raise _fail("empty", name, "zero-byte object; re-upload the image")
+    img = open_header(io.BytesIO(data), name, config)
     source_format = FORMATS[img.format]
     icc = img.info.get("icc_profile")
     try:

@@ -1,12 +1,13 @@
 """``deblur plan``: what a job would cost and hit, before it runs. Writes nothing.
 
 It validates every row exactly as ``deblur run`` plans them (``manifest.plan_rows``: hostile
-keys, duplicates, output collisions), reads only the *headers* of a seeded random sample of the
-valid images (a ranged GET of the first 64 KiB, more only when a header is longer), and turns
-the sample's megapixels into GPU-hours with a measured throughput figure per device type.
+keys, duplicates, output collisions), opens only the *headers* of a seeded random sample of the
+valid images (``codec.open_header``, the check ``decode`` starts with, over ranged GETs of
+64 KiB blocks, at most 1 MiB an image), and turns the sample's megapixels into device-hours
+with a measured throughput figure per device type.
 
-Memory stays flat in the number of images: rows stream through, only digests (in the
-planner), counts and a fixed-size reservoir sample are kept.
+Memory stays flat in the number of images: rows stream through once; only the planner's
+digests, counts and a fixed-size reservoir sample are kept.
 """
 
 from __future__ import annotations
@@ -14,29 +15,30 @@ from __future__ import annotations
 import io
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline import codec
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ImageError, ManifestError, StorageError
 from pipeline.manifest import is_manifest, plan_rows
 from pipeline.storage import Storage
 
-HEADER_BYTES = 64 * 1024
-HEADER_BYTES_MAX = 1024 * 1024  # JPEGs with big EXIF/ICC blocks put the size further in
+HEADER_BYTES = 64 * 1024  # one ranged GET; almost every header fits in the first one
+HEADER_BYTES_MAX = 1024 * 1024  # JPEG EXIF/ICC blocks and TIFF directories can lie further in
 
-# Megapixels per second per device for one model, end to end, each with where it was measured.
-# A device type has a figure only once a benchmark measured it: GPU figures are added by
-# bench/gpu.py runs (issue "GPU throughput"); until then `--gpu-type h100` says so.
+# Megapixels per second per device for one model (model forward only: decode, upload and
+# batching not included), each with where it was measured. A device type gets a figure only
+# once a benchmark has measured it; until then `--gpu-type h100` is refused and says so.
 THROUGHPUT: dict[tuple[str, str], tuple[float, str]] = {
     ("cpu-dev", "mimo-unet"): (
         0.07 * 1280 * 720 / 1e6,
-        "bench/model.py on dev-cpu (2 cores, torch 2.13 CPU), 1280x720 fp32: 0.07 images/s; "
-        "docs/benchmarks.md, 2026-11-24"),
+        "bench/model.py on dev-cpu (2 cores, torch 2.13 CPU), 1280x720 fp32 batch 1: "
+        "0.07 images/s; docs/benchmarks.md, 2026-11-24"),
     ("cpu-dev", "mimo-unet-plus"): (
         0.86 * 256 * 256 / 1e6,
-        "bench/model.py on dev-cpu (2 cores, torch 2.13 CPU), 256x256 fp32: 0.86 images/s; "
-        "docs/benchmarks.md, 2026-11-24"),
+        "bench/model.py on dev-cpu (2 cores, torch 2.13 CPU), 256x256 fp32 batch 1: "
+        "0.86 images/s; docs/benchmarks.md, 2026-11-24"),
 }
 
 # S3 Standard request prices, us-east-1, USD per 1000 requests (LIST is priced as PUT).
@@ -44,7 +46,9 @@ PRICE_PER_1000 = {"GET": 0.0004, "PUT": 0.005, "LIST": 0.005, "HEAD": 0.0004}
 
 HISTOGRAM = ((0.3, "<= 0.3 MP"), (1.0, "<= 1 MP"), (2.1, "<= 2 MP (1080p)"),
              (8.3, "<= 8 MP (4K)"), (24.0, "<= 24 MP"), (math.inf, "> 24 MP"))
-MAX_EXAMPLES = 3
+MAX_EXAMPLES = 5
+EXAMPLE_CHARS = 300
+UNVERIFIED = "header_beyond_1MiB"  # not a failure: the run reads the whole object
 
 
 @dataclass
@@ -54,20 +58,30 @@ class PlanReport:
     source: str
     destination: str
     rows: int = 0
+    """Manifest rows (or listed images), every one of which a run gives a result row."""
     valid: int = 0
+    """Rows the run would fetch; the rest fail at planning (``invalid``)."""
     shards: int = 0
     invalid: dict[str, int] = field(default_factory=dict)
     invalid_examples: dict[str, list[str]] = field(default_factory=dict)
+    references: int = 0
+    """Valid rows with a reference image (one more GET each)."""
     sampled: int = 0
-    sample_problems: dict[str, int] = field(default_factory=dict)
-    sample_problem_examples: dict[str, list[str]] = field(default_factory=dict)
     readable: int = 0
+    sample_problems: dict[str, int] = field(default_factory=dict)
+    """Header verdicts in the sample that a run would fail the image with, by reason."""
+    unverified: int = 0
+    """Sampled objects whose header is not in their first HEADER_BYTES_MAX bytes."""
+    sample_problem_examples: dict[str, list[str]] = field(default_factory=dict)
     sample_megapixels: float = 0.0
     megapixels: float = 0.0
+    """Estimated megapixels of the images a run would process (exact when exact says so)."""
     megapixels_exact: bool = False
     histogram: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)
     header_bytes_read: int = 0
+    plan_requests: dict[str, int] = field(default_factory=dict)
+    """Requests this plan made (listing or manifest read, header reads)."""
     gpu_type: str = ""
     gpus: int = 1
     mp_per_s_per_gpu: float = 0.0
@@ -75,11 +89,11 @@ class PlanReport:
     gpu_hours: float = 0.0
     wall_hours: float = 0.0
     requests: dict[str, int] = field(default_factory=dict)
+    """Requests a first run would make, by S3 class."""
+    request_items: list[dict[str, Any]] = field(default_factory=list)
     request_cost_usd: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -90,48 +104,115 @@ def throughput(gpu_type: str, model: str) -> tuple[float, str]:
         known = sorted({g for g, m in THROUGHPUT if m == model})
         raise ConfigError(f"--gpu-type {gpu_type!r}: no measured throughput for {model} on it; "
                           f"measured: {', '.join(known) or 'none'} (GPU figures remain to be "
-                          f"measured with bench/gpu.py and added to pipeline/plan.py)")
+                          f"measured with bench/gpu.py and added to THROUGHPUT in "
+                          f"pipeline/plan.py)")
     return figure
 
 
-def read_header(storage: Storage, uri: str, max_pixels: int) -> tuple[str | None, Any]:
-    """(problem reason or None, (width, height, format) or a message). Never whole images."""
-    from PIL import Image, UnidentifiedImageError
+class _RangedFile(io.RawIOBase):
+    """A read-only, seekable view of one object that fetches HEADER_BYTES blocks on demand.
 
-    from pipeline.codec import FORMATS
+    Pillow seeks and reads it like a file; only the blocks it touches are fetched, and no more
+    than HEADER_BYTES_MAX in all (past that, reads fail and ``over_budget`` is set).
+    """
 
-    length = HEADER_BYTES
-    while True:
-        data = storage.get_range(uri, length)
-        if not data:
-            return "empty", (0, "zero-byte object")
+    def __init__(self, storage: Storage, uri: str) -> None:
+        super().__init__()
+        self.storage, self.uri = storage, uri
+        self.blocks: dict[int, bytes] = {}
+        self.pos = 0
+        self.size: int | None = None  # known once a block comes back short
+        self.bytes_read = 0
+        self.over_budget = False
+        self.error: StorageError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END and self.size is None:
+            self.size = self._fetch(lambda: self.storage.head(self.uri).size)
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size or 0}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view):
+            index, offset = divmod(self.pos, HEADER_BYTES)
+            chunk = self.block(index)[offset:offset + len(view) - done]
+            if not chunk:
+                break
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+            self.pos += len(chunk)
+        return done
+
+    def block(self, index: int) -> bytes:
+        if index in self.blocks:
+            return self.blocks[index]
+        if self.size is not None and index * HEADER_BYTES >= self.size:
+            return b""
+        if (len(self.blocks) + 1) * HEADER_BYTES > HEADER_BYTES_MAX:
+            self.over_budget = True
+            raise OSError(f"header read stopped at {HEADER_BYTES_MAX} bytes")
+        data = self._fetch(lambda: self.storage.get_range(self.uri, HEADER_BYTES,
+                                                          start=index * HEADER_BYTES))
+        self.bytes_read += len(data)
+        if len(data) < HEADER_BYTES:
+            self.size = index * HEADER_BYTES + len(data)
+        self.blocks[index] = data
+        return data
+
+    def _fetch(self, call: Any) -> Any:
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                width, height, fmt = img.width, img.height, img.format
-            break
-        except UnidentifiedImageError:
-            if len(data) == length and length < HEADER_BYTES_MAX:
-                length = HEADER_BYTES_MAX  # maybe a header longer than the first read
-                continue
-            return "unsupported_format", (len(data), f"not a recognised image "
-                                                     f"(starts {data[:8]!r})")
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types on broken headers
-            if len(data) == length and length < HEADER_BYTES_MAX:
-                length = HEADER_BYTES_MAX
-                continue
-            return "corrupt", (len(data), f"unreadable header ({type(exc).__name__})")
-    if fmt not in FORMATS:
-        return "unsupported_format", (len(data), f"{fmt} is not supported")
-    if width < 1 or height < 1:
-        return "corrupt", (len(data), f"declares an empty size {width}x{height}")
-    if width * height > max_pixels:
-        return "too_large", (len(data), f"{width}x{height} exceeds codec.max_pixels")
-    return None, (len(data), (width, height, FORMATS[fmt]))
+            return call()
+        except StorageError as exc:
+            self.error = exc  # Pillow turns exceptions into "not an image"; keep the real one
+            raise
+
+
+def read_header(storage: Storage, uri: str, config: JobConfig) -> tuple[str | None, Any, int]:
+    """(problem or None, (width, height, format) or a message, bytes read). Never whole images.
+
+    Problems are the reasons a run would fail the image with (codec's empty, corrupt,
+    unsupported_format, too_large; the worker's fetch_failed), or UNVERIFIED.
+    """
+    stream = _RangedFile(storage, uri)
+    name = repr(uri[:EXAMPLE_CHARS])
+    try:
+        if not stream.block(0):
+            return "empty", f"{name}: zero-byte object; re-upload the image", stream.bytes_read
+        img = codec.open_header(stream, name, config.codec)
+    except (ImageError, StorageError) as exc:
+        if stream.error is not None:
+            return "fetch_failed", f"{name}: {stream.error}", stream.bytes_read
+        if stream.over_budget:
+            return (UNVERIFIED, f"{name}: no header in the first {HEADER_BYTES_MAX:,} bytes; a "
+                                f"run reads the whole object", stream.bytes_read)
+        assert isinstance(exc, ImageError), exc
+        return exc.reason, exc.args[0], stream.bytes_read
+    return None, (img.width, img.height, codec.FORMATS[img.format]), stream.bytes_read
 
 
 def estimate(config: JobConfig, storage: Storage, *, gpus: int = 1, gpu_type: str = "cpu-dev",
              sample_size: int = 200, seed: int = 0) -> PlanReport:
-    """Plan the job without writing anything and estimate its cost."""
+    """Plan the job without writing anything and estimate its cost.
+
+    Args:
+        config: the job config, built as ``deblur run`` builds it (source, destination set).
+        storage: where the source lives; only read (GET, LIST, ranged GET, HEAD).
+        gpus: devices the job would run on (wall time = device-hours / gpus).
+        gpu_type: a device type with a measured figure in THROUGHPUT.
+        sample_size: headers to read, drawn uniformly from the valid rows.
+        seed: the sample's seed: the same seed over the same rows reads the same headers.
+    """
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be >= 1")
     if sample_size < 1:
@@ -140,19 +221,31 @@ def estimate(config: JobConfig, storage: Storage, *, gpus: int = 1, gpu_type: st
     report = PlanReport(source=config.source, destination=config.destination,
                         gpu_type=gpu_type, gpus=gpus, mp_per_s_per_gpu=mp_per_s,
                         throughput_source=provenance)
-    rng = random.Random(seed)
+    ops_before = dict(storage.ops)
+    sample = _stream_rows(report, config, storage, sample_size, random.Random(seed))
+    source_ops = _ops_since(storage, ops_before)
+    _sample_headers(report, storage, sorted(sample), config)
+    report.plan_requests = _ops_since(storage, ops_before)
+    _estimate_cost(report, config, source_ops)
+    return report
+
+
+def _stream_rows(report: PlanReport, config: JobConfig, storage: Storage, sample_size: int,
+                 rng: random.Random) -> list[str]:
+    """Count every row's verdict and keep a uniform sample of the valid keys (reservoir)."""
     sample: list[str] = []
     batches, planner = plan_rows(config.source, config.destination, storage, config.codec)
     for batch in batches:
-        keys = batch.column("key").to_pylist()
-        for key, error in zip(keys, batch.column("error").to_pylist()):
+        columns = (batch.column(name).to_pylist() for name in ("key", "error", "reference"))
+        for key, error, reference in zip(*columns):
             if error:
                 reason, _, message = error.partition(": ")
                 examples = report.invalid_examples.setdefault(reason, [])
                 if len(examples) < MAX_EXAMPLES:
-                    examples.append(message[:300])
+                    examples.append(_printable(message))
                 continue
-            report.valid += 1  # reservoir sampling: every valid row equally likely
+            report.valid += 1
+            report.references += reference is not None
             if len(sample) < sample_size:
                 sample.append(key)
             else:
@@ -160,28 +253,39 @@ def estimate(config: JobConfig, storage: Storage, *, gpus: int = 1, gpu_type: st
                 if slot < sample_size:
                     sample[slot] = key
     counts = planner.counts
+    if counts.rows == 0:  # the same refusal as Ledger.create
+        raise ManifestError(f"source {config.source} lists no images: check the prefix "
+                            f"(image extensions only) or the manifest's key column")
     report.rows, report.invalid = counts.rows, dict(counts.invalid)
-    report.shards = math.ceil(counts.rows / config.shard_size)
-    _sample_headers(report, storage, sorted(sample), config.codec.max_pixels)
-    _estimate_cost(report, config, listing=not is_manifest(config.source))
-    return report
+    report.shards = math.ceil(counts.rows / config.shard_size)  # iter_shards: every row
+    return sample
+
+
+def _printable(text: str) -> str:
+    """The planner quotes keys with repr(); this also bounds the length and escapes the rest."""
+    text = text[:EXAMPLE_CHARS] + ("…" if len(text) > EXAMPLE_CHARS else "")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _ops_since(storage: Storage, before: dict[str, int]) -> dict[str, int]:
+    return {op: n - before.get(op, 0) for op, n in storage.ops.items() if n > before.get(op, 0)}
 
 
 def _sample_headers(report: PlanReport, storage: Storage, sample: list[str],
-                    max_pixels: int) -> None:
+                    config: JobConfig) -> None:
     report.histogram = {label: 0 for _, label in HISTOGRAM}
     for uri in sample:
         report.sampled += 1
-        try:
-            problem, (read, detail) = read_header(storage, uri, max_pixels)
-        except Exception as exc:  # noqa: BLE001 - not found, access denied, …: a run would fail it
-            problem, read, detail = "unreadable", 0, f"{type(exc).__name__}: {exc}"
+        problem, detail, read = read_header(storage, uri, config)
         report.header_bytes_read += read
         if problem:
-            report.sample_problems[problem] = report.sample_problems.get(problem, 0) + 1
+            if problem == UNVERIFIED:
+                report.unverified += 1
+            else:
+                report.sample_problems[problem] = report.sample_problems.get(problem, 0) + 1
             examples = report.sample_problem_examples.setdefault(problem, [])
             if len(examples) < MAX_EXAMPLES:
-                examples.append(f"{uri[:300]!r}: {str(detail)[:200]}")
+                examples.append(_printable(detail))
             continue
         width, height, fmt = detail
         megapixels = width * height / 1e6
@@ -189,31 +293,63 @@ def _sample_headers(report: PlanReport, storage: Storage, sample: list[str],
         report.sample_megapixels += megapixels
         report.formats[fmt] = report.formats.get(fmt, 0) + 1
         report.histogram[next(label for top, label in HISTOGRAM if megapixels <= top)] += 1
-    # The sample's mean megapixels per valid image (unreadable ones count 0: they will fail).
-    report.megapixels_exact = report.sampled == report.valid
-    if report.sampled:
-        report.megapixels = report.sample_megapixels / report.sampled * report.valid
+    # Images that would fail contribute nothing; unverified ones are assumed average.
+    report.megapixels_exact = report.sampled == report.valid and not report.unverified
+    if report.readable:
+        processed = report.valid * (report.readable + report.unverified) / report.sampled
+        report.megapixels = report.sample_megapixels / report.readable * processed
 
 
-def _estimate_cost(report: PlanReport, config: JobConfig, listing: bool) -> None:
-    seconds = report.megapixels / report.mp_per_s_per_gpu if report.mp_per_s_per_gpu else 0.0
-    report.gpu_hours = seconds / 3600
+def _estimate_cost(report: PlanReport, config: JobConfig, source_ops: dict[str, int]) -> None:
+    report.gpu_hours = report.megapixels / report.mp_per_s_per_gpu / 3600
     report.wall_hours = report.gpu_hours / report.gpus
+    run_s = report.wall_hours * 3600
     shards, valid = report.shards, report.valid
-    # What one run costs in requests, from the ledger's and worker's code paths:
-    # planning: the listing (or the manifest), one PUT per shard file and job.json; each
-    # shard: its file and (absent) result read, the result written; each image: GET + PUT;
-    # the driver: the index every index_interval_s, a cancel check every 2 s.
-    run_seconds = report.wall_hours * 3600
-    index_writes = 1 + int(run_seconds / config.scheduler.index_interval_s)
-    report.requests = {
-        "LIST": max(1, math.ceil(report.rows / 1000)) if listing else 0,
-        "GET": valid + 2 * shards + (0 if listing else 1),
-        "PUT": valid + 2 * shards + 1 + index_writes,
-        "HEAD": int(run_seconds / 2) + 1,
-    }
-    report.request_cost_usd = sum(PRICE_PER_1000[k] * v / 1000
-                                  for k, v in report.requests.items())
+    failing = round(valid * sum(report.sample_problems.values()) / report.sampled) \
+        if report.sampled else 0
+    # A first `deblur run`, request by request, from the code paths named (ledger.py,
+    # scheduler.py, worker.py, metrics.py); docs/scaling.md has the per-shard counts measured.
+    items = [
+        ("read the source (as this plan did)", source_ops),
+        ("worker: fetch each valid image", {"GET": valid}),
+        ("worker: fetch each reference image", {"GET": report.references}),
+        ("worker: write each output (sample failures excluded)", {"PUT": valid - failing}),
+        ("planning: one shard file per shard", {"PUT": shards}),
+        ("worker: shard rows, previous result (absent), its re-read at commit; the result",
+         {"GET": 3 * shards, "PUT": shards}),
+        ("planning: job.json checked and written", {"HEAD": 1, "PUT": 1}),
+        ("weights: the driver's digest, each worker's load",
+         {"GET": 0 if config.model.random_weights else 1 + _workers(report.gpus, config)}),
+        ("driver: index read and results listed 3x before the run, once after; summary.json",
+         {"GET": 3, "LIST": 3 + math.ceil(shards / 1000), "PUT": 1}),
+        (f"driver: cancel check every 2 s (and before, after), index every "
+         f"{config.scheduler.index_interval_s:g} s, metrics snapshot every "
+         f"{config.metrics.snapshot_interval_s:g} s",
+         {"HEAD": 2 + math.ceil(run_s / 2),
+          "PUT": 1 + int(run_s / config.scheduler.index_interval_s)
+          + 2 + int(run_s / config.metrics.snapshot_interval_s)}),
+    ]
+    report.request_items = [{"what": what, **ops} for what, ops in items if any(ops.values())]
+    totals: dict[str, int] = {}
+    for _, ops in items:
+        for op, n in ops.items():
+            totals[op] = totals.get(op, 0) + n
+    report.requests = {op: totals.get(op, 0) for op in ("GET", "PUT", "LIST", "HEAD")}
+    report.request_cost_usd = sum(PRICE_PER_1000[op] * n / 1000
+                                  for op, n in report.requests.items())
+
+
+def _workers(gpus: int, config: JobConfig) -> int:
+    per_worker = config.worker.gpus_per_worker
+    return max(1, math.ceil(gpus / per_worker)) if per_worker > 0 else 1
+
+
+def _duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    return f"{hours:,.1f} h" if hours < 48 else f"{hours / 24:,.1f} days"
 
 
 def render(report: PlanReport) -> str:
@@ -225,7 +361,7 @@ def render(report: PlanReport) -> str:
         lines.append(f"  would fail {reason}: {count:,}")
         lines += [f"    e.g. {example}" for example in report.invalid_examples.get(reason, [])]
     exact = "exact" if report.megapixels_exact else (
-        f"estimated from {report.sampled} sampled headers")
+        f"estimated from {report.sampled:,} sampled headers")
     lines.append(f"megapixels:   {report.megapixels:,.1f} ({exact}; "
                  f"{report.header_bytes_read:,} header bytes read)")
     if report.readable:
@@ -233,17 +369,24 @@ def render(report: PlanReport) -> str:
                                                   report.histogram.items() if n))
         lines.append("formats:      " + ", ".join(f"{fmt}: {n}" for fmt, n in
                                                   sorted(report.formats.items())))
-    for problem, count in sorted(report.sample_problems.items()):
-        share = count / report.sampled if report.sampled else 0.0
-        lines.append(f"  sample {problem}: {count} of {report.sampled} "
+    problems = sorted(report.sample_problems.items())
+    if report.unverified:
+        problems.append((UNVERIFIED, report.unverified))
+    for problem, count in problems:
+        share = count / report.sampled
+        verdict = "would fail" if problem != UNVERIFIED else "not checked"
+        lines.append(f"  sample {problem}: {count} of {report.sampled} {verdict} "
                      f"(~{share * report.valid:,.0f} in the job)")
         lines += [f"    e.g. {example}" for example in
                   report.sample_problem_examples.get(problem, [])]
     lines.append(f"compute:      {report.gpu_hours:,.2f} {report.gpu_type}-hours; "
-                 f"{report.wall_hours:,.2f} h wall on {report.gpus} (startup not included)")
-    lines.append(f"  throughput: {report.mp_per_s_per_gpu:.4f} MP/s per device — "
+                 f"{_duration(report.wall_hours)} wall on {report.gpus} "
+                 f"(startup not included)")
+    lines.append(f"  throughput: {report.mp_per_s_per_gpu:.4f} MP/s per device, "
                  f"{report.throughput_source}")
-    lines.append("requests:     " + ", ".join(f"{k} {v:,}" for k, v in report.requests.items()
-                                              if v)
-                 + f" (~${report.request_cost_usd:,.2f} at S3 Standard us-east-1 prices)")
+    cost = report.request_cost_usd
+    cost = f"{cost:,.2f}" if cost >= 1 else f"{cost:.4f}"
+    lines.append("requests:     " + ", ".join(f"{op} {n:,}" for op, n in report.requests.items()
+                                              if n)
+                 + f" (~${cost} at S3 Standard us-east-1 list prices)")
     return "\n".join(lines)

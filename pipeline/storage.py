@@ -202,17 +202,20 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc.strerror}", uri) from None
 
-    def get_range(self, uri: str, length: int) -> bytes:
-        """The object's first ``length`` bytes (all of it if shorter): image headers."""
+    def get_range(self, uri: str, length: int, start: int = 0) -> bytes:
+        """Up to ``length`` bytes from offset ``start`` (fewer at the end, none past it).
+
+        One ranged GET: ``deblur plan`` reads image headers with it, never whole images.
+        """
         self._count("GET")
         if is_s3(uri):
             bucket, key = parse_s3(uri)
             try:
                 response = self._call(uri, "get_object", Bucket=bucket, Key=key,
-                                      Range=f"bytes=0-{max(length, 1) - 1}")
+                                      Range=f"bytes={start}-{start + max(length, 1) - 1}")
             except StorageError as exc:
                 if "InvalidRange" in str(exc) or "416" in str(exc):
-                    return b""  # S3 answers a range on a zero-byte object with 416
+                    return b""  # S3 answers 416 to a range at or past the end (or a 0-byte object)
                 raise
             try:
                 return response["Body"].read()
@@ -222,6 +225,7 @@ class Storage:
         path = to_local_path(uri)
         try:
             with open(path, "rb") as handle:
+                handle.seek(start)
                 return handle.read(length)
         except FileNotFoundError:
             raise NotFoundError(f"{uri} does not exist", uri) from None

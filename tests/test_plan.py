@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,29 +15,52 @@ from PIL import Image
 
 from pipeline import config as config_mod
 from pipeline import plan as plan_mod
-from pipeline.errors import ConfigError, NotFoundError
+from pipeline.errors import ConfigError, ManifestError, NotFoundError
 from pipeline.storage import Storage, join
 
 DEBLUR = str(Path(sys.executable).parent / "deblur")
+SMALL_MP = 100 * 50 / 1e6
 
 
-def _image(width: int, height: int, fmt: str, noise: bool = False) -> bytes:
+def _image(width: int, height: int, fmt: str, noise: bool = False, **options: object) -> bytes:
     if noise:  # incompressible: a big file whose header is still at the front
         pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
         img = Image.fromarray(pixels)
     else:
         img = Image.new("RGB", (width, height), (40, 90, 160))
     buf = io.BytesIO()
-    img.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    img.save(buf, fmt, **options)
     return buf.getvalue()
 
 
+class CountingStorage(Storage):
+    """Records every read, so a test can tell header reads from whole-object reads."""
+
+    def __init__(self, storage: Storage) -> None:
+        super().__init__(storage.config)
+        self.ranges: list[tuple[str, int, int]] = []  # (uri, start, bytes returned)
+        self.whole: list[str] = []
+
+    def get(self, uri: str) -> bytes:
+        self.whole.append(uri)
+        return super().get(uri)
+
+    def get_range(self, uri: str, length: int, start: int = 0) -> bytes:
+        data = super().get_range(uri, length, start)
+        self.ranges.append((uri, start, len(data)))
+        return data
+
+
 def _planted(storage: Storage, root: str) -> str:
-    """A manifest over images with known sizes and one of each problem; returns its URI."""
+    """A manifest over images of known sizes and one of each problem; returns its URI."""
     small = _image(100, 50, "PNG")
     objects = {
         "a.png": small, "b.png": small, "sub/c.png": small, "x1.png": small,
-        "big.jpg": _image(3000, 2000, "JPEG", noise=True),  # 6 MP, several MB
+        "big.jpg": _image(3000, 2000, "JPEG", noise=True, quality=95),  # 6 MP, several MB
+        # a 200 KB ICC profile: the header runs past the first 64 KiB block
+        "exif.jpg": _image(200, 100, "JPEG", icc_profile=b"\0" * 200_000),
+        # libtiff writes the directory after the pixels: the header is at the end (~1.9 MB)
+        "trail.tif": _image(700, 700, "TIFF", noise=True, compression="tiff_lzw"),
         "wide.png": _image(4000, 2000, "PNG"),  # 8 MP: over the test's max_pixels
         "empty.jpg": b"",
         "notes.jpg": b"hello, not an image",
@@ -45,11 +69,13 @@ def _planted(storage: Storage, root: str) -> str:
     for key, data in objects.items():
         storage.put(join(root, key), data)
     rows = [{"key": k} for k in objects]
-    rows += [{"key": "a.png"},  # duplicate_key
-             {"key": "../escape.jpg"},  # invalid_key
-             {"key": "bell\x07.jpg"},  # invalid_key (control character)
-             {"key": "x2.png", "output_key": "same.png"}]  # output_collision with x1
     rows[3]["output_key"] = "same.png"
+    rows += [{"key": "a.png"},  # duplicate_key
+             {"key": "../escape.jpg"},  # invalid_key: escapes the output prefix
+             {"key": "bell\x07.jpg"},  # invalid_key: control character
+             {"key": "nul\x00.png"},  # invalid_key: NUL byte
+             {"key": "k" * 1100 + ".png"},  # invalid_key: longer than 1024 bytes
+             {"key": "x2.png", "output_key": "same.png"}]  # output_collision with x1.png
     manifest = join(root, "manifest.jsonl")
     storage.put(manifest, "\n".join(json.dumps(r) for r in rows).encode())
     return manifest
@@ -62,53 +88,95 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(tmp_path / "plan")
 
 
-def _config(manifest: str, dest: str, **extra: object) -> config_mod.JobConfig:
-    return config_mod.load(None, {"source": manifest, "destination": dest, "shard_size": 5,
+def _config(source: str, dest: str, **extra: object) -> config_mod.JobConfig:
+    return config_mod.load(None, {"source": source, "destination": dest, "shard_size": 5,
                                   "codec.max_pixels": 7_000_000, "model.random_weights": True,
                                   **extra})
 
 
-def test_plan_counts_sizes_and_problems_exactly(storage: Storage, root: str) -> None:
+def test_plan_counts_sizes_problems_and_requests_exactly(storage: Storage, root: str) -> None:
     manifest = _planted(storage, root)
-    dest = join(root, "out")
-    report = plan_mod.estimate(_config(manifest, dest), storage, gpus=4, sample_size=1000)
+    report = plan_mod.estimate(_config(manifest, join(root, "out")), storage, gpus=4,
+                               sample_size=1000)
 
-    assert (report.rows, report.valid, report.shards) == (13, 9, 3)
-    assert report.invalid == {"duplicate_key": 1, "invalid_key": 2, "output_collision": 1}
-    assert any("bell\\x07.jpg" in e for e in report.invalid_examples["invalid_key"])
-    # the sample covers every valid row: megapixels are exact (unreadable images count 0)
-    assert report.sampled == 9 and report.megapixels_exact
-    assert report.megapixels == pytest.approx(4 * 0.005 + 6.0)
+    assert (report.rows, report.valid, report.shards) == (17, 11, 4)  # shards hold every row
+    assert report.invalid == {"duplicate_key": 1, "invalid_key": 4, "output_collision": 1}
+    shown = "\n".join(e for examples in report.invalid_examples.values() for e in examples)
+    assert "bell\\x07.jpg" in shown and "\x07" not in shown and "\x00" not in shown
+    assert all(len(e) <= plan_mod.EXAMPLE_CHARS + 1 for e in shown.splitlines())
+    # the sample covers every valid row: megapixels are exact (images that would fail: 0)
+    assert report.sampled == 11 and report.megapixels_exact and report.unverified == 0
+    assert report.megapixels == pytest.approx(4 * SMALL_MP + 6.0 + 0.02 + 0.49)
     assert report.sample_problems == {"too_large": 1, "empty": 1, "unsupported_format": 1,
                                       "corrupt": 1}
-    assert report.histogram["<= 0.3 MP"] == 4 and report.histogram["<= 8 MP (4K)"] == 1
-    assert report.formats == {"png": 4, "jpeg": 1}
+    assert {k: v for k, v in report.histogram.items() if v} == {
+        "<= 0.3 MP": 5, "<= 1 MP": 1, "<= 8 MP (4K)": 1}
+    assert report.formats == {"png": 4, "jpeg": 2, "tiff": 1}
+
     mp_per_s, _ = plan_mod.THROUGHPUT[("cpu-dev", "mimo-unet")]
     assert report.gpu_hours == pytest.approx(report.megapixels / mp_per_s / 3600)
     assert report.wall_hours == pytest.approx(report.gpu_hours / 4)
-    assert report.requests["GET"] == 9 + 2 * 3 + 1 and report.requests["LIST"] == 0
-    assert report.requests["PUT"] >= 9 + 2 * 3 + 1
+    run_s = report.wall_hours * 3600  # ~25 s: no periodic index/snapshot write yet
+    assert run_s < 30
+    # Counted by hand from the code paths (and checked once against a real `deblur run`'s
+    # storage requests, see docs/plan.md): 1 manifest + 11 images + 3 per shard + 3 index.
+    assert report.requests == {
+        "GET": 1 + 11 + 3 * 4 + 3,
+        # 7 outputs (11 less the 4 sample failures), shard files, results, job.json,
+        # summary.json, the final index and two metric snapshots
+        "PUT": 7 + 4 + 4 + 1 + 1 + 1 + 2,
+        "LIST": 3 + 1,
+        "HEAD": 1 + 2 + math.ceil(run_s / 2),
+    }
+    assert report.request_cost_usd == pytest.approx(
+        (27 * 0.0004 + 20 * 0.005 + 4 * 0.005 + report.requests["HEAD"] * 0.0004) / 1000)
+
     text = plan_mod.render(report)
-    assert "would fail output_collision: 1" in text and "sample too_large: 1 of 9" in text
+    assert "images:       17 rows, 11 valid, 4 shards" in text
+    assert "would fail output_collision: 1" in text and "sample too_large: 1 of 11" in text
+    assert "\x07" not in text and "\x00" not in text
 
 
 def test_plan_reads_headers_only_and_writes_nothing(storage: Storage, root: str) -> None:
     manifest = _planted(storage, root)
     dest = join(root, "out")
+    counting = CountingStorage(storage)
+    report = plan_mod.estimate(_config(manifest, dest), counting, sample_size=1000)
+
+    assert counting.whole == [manifest]  # the manifest is read whole; no image ever is
+    read: dict[str, int] = {}
+    for uri, _, size in counting.ranges:
+        read[uri] = read.get(uri, 0) + size
+    assert report.header_bytes_read == sum(read.values())
     big = storage.head(join(root, "big.jpg")).size
-    assert big > 2 * plan_mod.HEADER_BYTES
-    before = dict(storage.ops)
-    report = plan_mod.estimate(_config(manifest, dest), storage, sample_size=1000)
-    used = {k: v - before.get(k, 0) for k, v in storage.ops.items()}
-    # every sampled image cost at most a header read (64 KiB; 1 MiB for long headers only)
-    assert report.header_bytes_read < 9 * plan_mod.HEADER_BYTES
-    assert used.get("PUT", 0) == 0 and used.get("DELETE", 0) == 0
+    assert big > 20 * plan_mod.HEADER_BYTES
+    assert read[join(root, "big.jpg")] == plan_mod.HEADER_BYTES  # one 64 KiB ranged read
+    assert max(read.values()) <= plan_mod.HEADER_BYTES_MAX
+    # the TIFF's directory was fetched where it lies (past 1 MiB), not by reading up to it
+    tif = [start for uri, start, _ in counting.ranges if uri.endswith("trail.tif")]
+    assert len(tif) <= 3 and max(tif) > plan_mod.HEADER_BYTES_MAX
+
+    # reads only (Pillow's TIFF reader asks for the size: one HEAD); no PUT, DELETE, LIST
+    assert report.plan_requests.keys() <= {"GET", "HEAD"}
     assert not storage.exists(join(dest, "_deblur/"))
     try:
         written = list(storage.list(dest))
     except NotFoundError:  # a local destination folder was never even created
         written = []
     assert written == []
+
+
+def test_a_header_past_the_read_limit_is_unverified_not_failed(storage: Storage,
+                                                                tmp_path: Path) -> None:
+    root = str(tmp_path)
+    storage.put(join(root, "in/ok.png"), _image(100, 50, "PNG"))
+    storage.put(join(root, "in/long.jpg"), _image(100, 50, "JPEG", icc_profile=b"\0" * 1_300_000))
+    report = plan_mod.estimate(_config(join(root, "in"), join(root, "out")), storage)
+    assert report.unverified == 1 and report.sample_problems == {}
+    assert "header_beyond_1MiB" in plan_mod.render(report)
+    assert not report.megapixels_exact
+    assert report.megapixels == pytest.approx(2 * SMALL_MP)  # assumed the sample's mean size
+    assert report.header_bytes_read <= plan_mod.HEADER_BYTES + plan_mod.HEADER_BYTES_MAX
 
 
 def test_sample_is_seeded_and_scales_to_the_job(storage: Storage, tmp_path: Path) -> None:
@@ -118,20 +186,23 @@ def test_sample_is_seeded_and_scales_to_the_job(storage: Storage, tmp_path: Path
     config = _config(join(root, "in"), join(root, "out"))
     one = plan_mod.estimate(config, storage, sample_size=10, seed=7)
     two = plan_mod.estimate(config, storage, sample_size=10, seed=7)
-    other = plan_mod.estimate(config, storage, sample_size=10, seed=8)
     assert one.to_dict() == two.to_dict() and one.sampled == 10 and not one.megapixels_exact
-    assert one.megapixels != other.megapixels or one.formats == other.formats
+    others = [plan_mod.estimate(config, storage, sample_size=10, seed=s) for s in range(8, 12)]
+    assert any(o.histogram != one.histogram or o.megapixels != one.megapixels for o in others)
     true_mp = sum((100 + 10 * (i % 3)) * 50 for i in range(60)) / 1e6
     assert one.megapixels == pytest.approx(true_mp, rel=0.15)
-    assert one.requests["LIST"] == 1  # a listed prefix, not a manifest
+    assert one.requests["LIST"] == 1 + 3 + 1  # a listed prefix: the listing, then the ledger's
 
 
-def test_unknown_device_type_and_bad_numbers_fail_with_what_to_do(tmp_path: Path) -> None:
+def test_bad_input_fails_with_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     config = _config(str(tmp_path / "m.jsonl"), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="measured: cpu-dev"):
         plan_mod.estimate(config, Storage(), gpu_type="h100")
     with pytest.raises(ConfigError, match="--gpus"):
         plan_mod.estimate(config, Storage(), gpus=0)
+    with pytest.raises(ManifestError, match="lists no images"):
+        plan_mod.estimate(_config(str(tmp_path / "empty"), str(tmp_path / "out")), Storage())
 
 
 def test_cli_plan_prints_and_writes_json_only_when_asked(storage: Storage,
@@ -139,13 +210,24 @@ def test_cli_plan_prints_and_writes_json_only_when_asked(storage: Storage,
     root = str(tmp_path / "plan")
     manifest = _planted(storage, root)
     out = tmp_path / "plan.json"
-    done = subprocess.run([DEBLUR, "plan", manifest, str(tmp_path / "dest"), "--gpus", "2",
-                           "--sample", "50", "--shard-size", "5", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    job = tmp_path / "job.yaml"  # weights named but absent: a plan never loads them
+    job.write_text("model:\n  weights: /nowhere/MIMO-UNet.pkl\ncodec:\n  max_pixels: 7000000\n")
+    done = subprocess.run([DEBLUR, "plan", manifest, str(tmp_path / "dest"), "--config",
+                           str(job), "--gpus", "2", "--sample", "50", "--shard-size", "5",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "images:       13 rows, 9 valid, 3 shards" in done.stdout
-    assert json.loads(out.read_text())["invalid"]["duplicate_key"] == 1
+    assert "images:       17 rows, 11 valid, 4 shards" in done.stdout
+    saved = json.loads(out.read_text())
+    assert saved["invalid"]["duplicate_key"] == 1
+    assert saved["requests"]["GET"] == 27 + 1 + 2  # and the weights: the driver, 2 workers
     assert not (tmp_path / "dest").exists()
+
+    done = subprocess.run([DEBLUR, "plan", manifest, str(tmp_path / "dest"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["valid"] == 11
+
     done = subprocess.run([DEBLUR, "plan", manifest, str(tmp_path / "dest"), "--gpu-type",
                            "h100"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "remain to be measured" in done.stderr
+    assert done.returncode == 2 and "measured: cpu-dev" in done.stderr
+    assert "remain to be measured" in done.stderr
+    assert not (tmp_path / "dest").exists()

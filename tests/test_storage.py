@@ -45,6 +45,22 @@ def test_missing_object_is_not_found_naming_the_uri(storage: Storage, root: str)
         storage.head(uri)
 
 
+def test_get_range_reads_only_the_bytes_asked_for(storage: Storage, root: str) -> None:
+    uri = join(root, "big.bin")
+    data = bytes(range(256)) * 4096  # 1 MiB
+    storage.put(uri, data)
+    before = storage.ops["GET"]
+    assert storage.get_range(uri, 100) == data[:100]
+    assert storage.get_range(uri, 10, start=1000) == data[1000:1010]
+    assert storage.get_range(uri, 100, start=len(data) - 30) == data[-30:]  # short at the end
+    assert storage.get_range(uri, 100, start=len(data)) == b""  # past the end: nothing
+    assert storage.ops["GET"] - before == 4  # one request each, counted as GETs
+    storage.put(join(root, "zero.bin"), b"")
+    assert storage.get_range(join(root, "zero.bin"), 100) == b""
+    with pytest.raises(NotFoundError, match="missing.bin"):
+        storage.get_range(join(root, "missing.bin"), 100)
+
+
 def test_missing_bucket_is_not_found(storage: Storage) -> None:
     with pytest.raises(NotFoundError, match="s3://no-such-bucket-x/k"):
         storage.get("s3://no-such-bucket-x/k")

@@ -15,9 +15,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import io
 import json
@@ -53,9 +50,9 @@ def child(root: str, rows: int, endpoint: str | None) -> None:
     import logging
 
     logging.disable(logging.WARNING)
-    from pipeline import config as config_mod
-    from pipeline.ledger import Ledger
-    from pipeline.storage import Storage
+    from deblur import config as config_mod
+    from deblur.job.ledger import Ledger
+    from deblur.io.storage import Storage
 
     overrides = {"source": f"{root}/manifest-{rows}.parquet", "destination": f"{root}/out",
                  "job_root": f"{root}/jobs/{rows}-{time.time_ns()}/", "shard_size": 1000,
@@ -111,8 +108,8 @@ def main() -> None:
             server.start()
             host, port = server.get_host_and_port()
             endpoint = f"http://{host}:{port}"
-            from pipeline.config import StorageConfig
-            from pipeline.storage import Storage
+            from deblur.config import StorageConfig
+            from deblur.io.storage import Storage
 
             Storage(StorageConfig(endpoint_url=endpoint)).client.create_bucket(Bucket="bench")
             root = "s3://bench"
@@ -120,8 +117,8 @@ def main() -> None:
         else:
             tmp = tempfile.TemporaryDirectory()
             root = tmp.name
-        from pipeline.config import StorageConfig
-        from pipeline.storage import Storage
+        from deblur.config import StorageConfig
+        from deblur.io.storage import Storage
 
         store_client = Storage(StorageConfig(endpoint_url=endpoint))
         for rows in args.rows:

@@ -13,9 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import platform
 import statistics
@@ -24,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.model import create_model
+from deblur.model import create_model
 
 
 def _sync(device: torch.device) -> None:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import os
 import platform
@@ -32,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import codec
-from pipeline import config as config_mod
-from pipeline.samples import make_scene, motion_blur
-from pipeline.scheduler import execute, open_or_plan, start_ray
-from pipeline.storage import Storage, get_storage
-from pipeline.worker import ShardProcessor, WorkerActor, worker_name
+from deblur.io import codec
+from deblur import config as config_mod
+from deblur.dev.samples import make_scene, motion_blur
+from deblur.run.pool import execute, open_or_plan, start_ray
+from deblur.io.storage import Storage, get_storage
+from deblur.run.worker import ShardProcessor, WorkerActor, worker_name
 
 
 def identity(images: list[np.ndarray], shape: tuple[int, int] | None) -> list[np.ndarray]:
@@ -90,8 +87,8 @@ def plain_loop(storage: Storage, uris: list[str], out_prefix: str, threads: int,
 
 
 def model_only(uris: list[str], storage: Storage, job: config_mod.JobConfig) -> float:
-    from pipeline.inference import Deblurrer
-    from pipeline.model import load_model
+    from deblur.run.inference import Deblurrer
+    from deblur.model import load_model
 
     images = [codec.decode(storage.get(u), u, job.codec).pixels for u in uris]
     deblurrer = Deblurrer(load_model(job.model)[0], job.model)

@@ -12,9 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import io  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -23,9 +20,9 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import codec, quality  # noqa: E402
-from pipeline.config import CodecConfig  # noqa: E402
-from pipeline.samples import make_scene, motion_blur  # noqa: E402
+from deblur import codec, quality  # noqa: E402
+from deblur.config import CodecConfig  # noqa: E402
+from deblur.dev.samples import make_scene, motion_blur  # noqa: E402
 
 
 def per_image_ms(fn, repeats: int = 20) -> float:

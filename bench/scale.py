@@ -4,7 +4,7 @@
     .venv/bin/python bench/scale.py --workers 50 --shards-per-worker 20
 
 Each level runs a job of ``workers x shards-per-worker`` shards of ``--shard-size`` synthetic
-images through the real Scheduler, real Ray actors (``pipeline.simulate.SimulatedWorker``: real
+images through the real Scheduler, real Ray actors (``deblur.dev.simulate.SimulatedWorker``: real
 ledger I/O, a model that sleeps at ``--rate`` images/s per GPU, logical GPUs) and the ledger on
 local disk. It prints, per level: shard dispatches per second with every worker up (and what the
 workers could have absorbed), the GPUs' busy share and idle gaps between shards, the driver's
@@ -21,9 +21,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This folder holds bench/pipeline.py, which would shadow the `pipeline` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 import argparse
 import os
 import platform
@@ -32,10 +29,10 @@ import tempfile
 import time
 from typing import Any
 
-from pipeline.ledger import Ledger
-from pipeline.scheduler import Scheduler
-from pipeline.simulate import Recorder, SimulatedWorker, figures, plan_job
-from pipeline.storage import Storage
+from deblur.job.ledger import Ledger
+from deblur.run.pool import Scheduler
+from deblur.dev.simulate import Recorder, SimulatedWorker, figures, plan_job
+from deblur.io.storage import Storage
 
 ACTOR_MIB = 110  # one simulated worker process: ~80 MiB USS measured (ray + pyarrow), + margin
 

@@ -19,5 +19,5 @@ fi
 extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 "${PIP[@]}" install -e ".${extras}" 2>&1 | grep -v -e '^WARNING: Location' -e '^$' || true
-.venv/bin/python -c 'import pipeline, torch, ray' >/dev/null
+.venv/bin/python -c 'import deblur, torch, ray' >/dev/null
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

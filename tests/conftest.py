@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.config import StorageConfig
-from pipeline.storage import Storage
+from deblur.config import StorageConfig
+from deblur.io.storage import Storage
 from tests.faultproxy import FaultProxy
 
 # Dummy credentials for moto only; real ones must never reach the tests.

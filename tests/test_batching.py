@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.batching import DynamicBatcher, bucket_shape
-from pipeline.config import BatchConfig
+from deblur.run.batcher import DynamicBatcher, bucket_shape
+from deblur.config import BatchConfig
 
 
 class Clock:

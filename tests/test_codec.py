@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.codec import decode, encode, output_key
-from pipeline.config import CodecConfig
-from pipeline.errors import ImageError
+from deblur.io.codec import decode, encode, output_key
+from deblur.config import CodecConfig
+from deblur.errors import ImageError
 
 CFG = CodecConfig()
 

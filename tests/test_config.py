@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config
-from pipeline.errors import ConfigError
+from deblur import config
+from deblur.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

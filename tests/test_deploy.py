@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline import config as job_config
+from deblur import config as job_config
 
 pytestmark = pytest.mark.integration
 

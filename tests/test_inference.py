@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.inference import Deblurrer, reflect_pad, tile_grid
-from pipeline.model import create_model
+from deblur.config import ModelConfig
+from deblur.run.inference import Deblurrer, reflect_pad, tile_grid
+from deblur.model import create_model
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_tiling_bounds_what_the_network_sees_and_stays_close() -> None:
 
 
 def test_a_batch_of_mixed_dtypes_is_refused(deblurrer: Deblurrer) -> None:
-    from pipeline.errors import ModelError
+    from deblur.errors import ModelError
 
     with pytest.raises(ModelError, match="one dtype"):
         deblurrer.deblur([_random((8, 8, 3)), _random((8, 8, 3), dtype=np.uint16)])

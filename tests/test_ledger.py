@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline import config as config_mod
-from pipeline.errors import ConfigError, ManifestError
-from pipeline.ledger import RESULT_SCHEMA, Ledger, default_job_root, list_jobs
-from pipeline.storage import Storage, join
+from deblur import config as config_mod
+from deblur.errors import ConfigError, ManifestError
+from deblur.job.ledger import RESULT_SCHEMA, Ledger, default_job_root, list_jobs
+from deblur.io.storage import Storage, join
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -153,7 +153,7 @@ def test_a_result_newer_than_the_index_is_read_again(storage: Storage, root: str
 
 
 def test_quality_means_come_from_the_index(storage: Storage, root: str) -> None:
-    from pipeline.ledger import quality_means
+    from deblur.job.ledger import quality_means
 
     ledger = _create(storage, root, 4, shard_size=2)
     summaries = []

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CodecConfig
-from pipeline.errors import ManifestError
-from pipeline.manifest import iter_shards, plan_rows, write_listing
-from pipeline.storage import Storage
+from deblur.config import CodecConfig
+from deblur.errors import ManifestError
+from deblur.job.manifest import iter_shards, plan_rows, write_listing
+from deblur.io.storage import Storage
 
 KEYS = ["a.jpg", "sub dir/b.png", "ünï/çødé/c.jpg", "d/e/f/g/h/deep.webp"]
 

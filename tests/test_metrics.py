@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import generate_latest
 
-from pipeline.metrics import METRIC_NAMES, JobMetrics, LatencySample, latency_percentiles
+from deblur.observe.metrics import METRIC_NAMES, JobMetrics, LatencySample, latency_percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "deblur-dashboard.json"
@@ -72,7 +72,7 @@ def test_dashboard_has_datasource_and_job_variables_and_every_panel_filters_by_j
 
 
 def test_shard_reports_fold_into_snapshot() -> None:
-    from pipeline.scheduler import Progress
+    from deblur.run.pool import Progress
 
     metrics = _fed_metrics()
     snap = metrics.snapshot(Progress(shards_total=2, rows_total=8, rows_done=4))

@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig
-from pipeline.errors import ConfigError, ModelError, WeightsError
-from pipeline.model import MODELS, create_model, load_model
-from pipeline.model.mimo_unet import SelfEnsemble
-from pipeline.model.weights import load_weights
+from deblur.config import ModelConfig
+from deblur.errors import ConfigError, ModelError, WeightsError
+from deblur.model import MODELS, create_model, load_model
+from deblur.model.mimo_unet import SelfEnsemble
+from deblur.model.weights import load_weights
 
 C = 32
 

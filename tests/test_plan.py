@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import config as config_mod
-from pipeline import plan as plan_mod
-from pipeline.errors import ConfigError, ManifestError, NotFoundError
-from pipeline.storage import Storage, join
+from deblur import config as config_mod
+from deblur.job import estimate as plan_mod
+from deblur.errors import ConfigError, ManifestError, NotFoundError
+from deblur.io.storage import Storage, join
 
 DEBLUR = str(Path(sys.executable).parent / "deblur")
 SMALL_MP = 100 * 50 / 1e6

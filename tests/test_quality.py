@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pipeline import quality
-from pipeline.samples import make_scene, motion_blur
+from deblur.observe import quality
+from deblur.dev.samples import make_scene, motion_blur
 
 
 def test_more_blur_means_lower_sharpness() -> None:

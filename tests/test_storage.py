@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import StorageConfig
-from pipeline.errors import AccessDeniedError, AlreadyExistsError, NotFoundError, StorageError
-from pipeline.storage import TMP_MARK, Storage, get_storage, join, parse_s3
+from deblur.config import StorageConfig
+from deblur.errors import AccessDeniedError, AlreadyExistsError, NotFoundError, StorageError
+from deblur.io.storage import TMP_MARK, Storage, get_storage, join, parse_s3
 
 SECRET = "testing-secret-never-shown"
 

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import config as config_mod
-from pipeline.ledger import Ledger
-from pipeline.storage import Storage
-from pipeline.worker import ShardProcessor
+from deblur import config as config_mod
+from deblur.job.ledger import Ledger
+from deblur.io.storage import Storage
+from deblur.run.worker import ShardProcessor
 
 
 def _jpeg(width: int, height: int, seed: int) -> bytes:
@@ -151,7 +151,7 @@ def test_upload_failure_is_a_failed_row(tmp_path: Path) -> None:
 
     def flaky_put(uri: str, data: bytes, content_type: str | None = None) -> None:
         if uri.endswith("b.jpg"):
-            from pipeline.errors import AccessDeniedError
+            from deblur.errors import AccessDeniedError
 
             raise AccessDeniedError(f"access denied writing {uri}", uri)
         put(uri, data, content_type)

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.ledger import Ledger
-from pipeline.storage import Storage
+from deblur.job.ledger import Ledger
+from deblur.io.storage import Storage
 
-DEBLUR = [sys.executable, "-m", "pipeline.cli"]
+DEBLUR = [sys.executable, "-m", "deblur.cli"]
 
 
 def jpeg(width: int, height: int, seed: int) -> bytes:

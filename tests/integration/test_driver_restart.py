@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ledger import Ledger
-from pipeline.storage import Storage
+from deblur.job.ledger import Ledger
+from deblur.io.storage import Storage
 
 from .helpers import (assert_each_row_once, kill_group, run_cli, start_driver,
                       wait_for_results, write_inputs)

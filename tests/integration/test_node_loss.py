@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config as config_mod
-from pipeline.ledger import Ledger
-from pipeline.scheduler import execute, open_or_plan
-from pipeline.storage import Storage
+from deblur import config as config_mod
+from deblur.job.ledger import Ledger
+from deblur.run.pool import execute, open_or_plan
+from deblur.io.storage import Storage
 
 from .helpers import assert_each_row_once, wait_for_results, write_inputs
 

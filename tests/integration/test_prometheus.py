@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config as config_mod
-from pipeline.scheduler import execute, open_or_plan
-from pipeline.storage import Storage
+from deblur import config as config_mod
+from deblur.run.pool import execute, open_or_plan
+from deblur.io.storage import Storage
 from tests.test_metrics import ALERTS, alert_exprs, dashboard_exprs
 
 from .helpers import jpeg

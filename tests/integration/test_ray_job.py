@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.ledger import Ledger
-from pipeline.storage import Storage
+from deblur.cli import app
+from deblur.job.ledger import Ledger
+from deblur.io.storage import Storage
 
 from .helpers import assert_each_row_once, write_inputs
 

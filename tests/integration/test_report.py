@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import config as config_mod
-from pipeline.cli import app
-from pipeline.ledger import Ledger
-from pipeline.qa import QASample
-from pipeline.samples import reference_folder, write_samples
-from pipeline.storage import Storage
-from pipeline.worker import ShardProcessor
+from deblur import config as config_mod
+from deblur.cli import app
+from deblur.job.ledger import Ledger
+from deblur.observe.qa import QASample
+from deblur.dev.samples import reference_folder, write_samples
+from deblur.io.storage import Storage
+from deblur.run.worker import ShardProcessor
 
 pytestmark = [pytest.mark.integration]
 

@@ -1,6 +1,6 @@
 """A small scale simulation in CI: 50 simulated GPU workers on real Ray, 2000 shards.
 
-The real scheduler and ledger drive `pipeline.simulate.SimulatedWorker` actors (real ledger
+The real scheduler and ledger drive `deblur.dev.simulate.SimulatedWorker` actors (real ledger
 I/O, a model that sleeps). bench/scale.py runs the same at larger sizes and prints figures.
 """
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ledger import Ledger
-from pipeline.scheduler import Scheduler
-from pipeline.simulate import Recorder, SimulatedWorker, figures, plan_job
-from pipeline.storage import Storage
+from deblur.job.ledger import Ledger
+from deblur.run.pool import Scheduler
+from deblur.dev.simulate import Recorder, SimulatedWorker, figures, plan_job
+from deblur.io.storage import Storage
 
 WORKERS, SHARDS, SHARD_SIZE, RATE = 50, 2000, 50, 100.0  # workers ask for 100 shards/s
 

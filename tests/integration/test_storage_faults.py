@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import config as config_mod
-from pipeline.config import StorageConfig
-from pipeline.errors import ThrottledError
-from pipeline.ledger import Ledger
-from pipeline.storage import Storage, join
-from pipeline.worker import ShardProcessor
+from deblur import config as config_mod
+from deblur.config import StorageConfig
+from deblur.errors import ThrottledError
+from deblur.job.ledger import Ledger
+from deblur.io.storage import Storage, join
+from deblur.run.worker import ShardProcessor
 from tests.faultproxy import FaultProxy
 
 SECRET = "testing-secret-never-shown"
@@ -31,7 +31,7 @@ def test_retries_absorb_throttles_and_resets_and_are_logged(
         fault_proxy: FaultProxy, s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
     store = Storage(StorageConfig(endpoint_url=fault_proxy.url, retry_mode="standard",
                                   max_attempts=10))
-    with caplog.at_level(logging.WARNING, "pipeline.storage"):
+    with caplog.at_level(logging.WARNING, "deblur.io.storage"):
         for i in range(40):
             uri = join(s3_bucket, f"k/{i}")
             store.put(uri, str(i).encode())

@@ -19,11 +19,11 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import submit as submit_mod
-from pipeline.config import load
-from pipeline.errors import ConfigError
-from pipeline.ledger import Ledger
-from pipeline.storage import Storage
+from deblur.run import submit as submit_mod
+from deblur.config import load
+from deblur.errors import ConfigError
+from deblur.job.ledger import Ledger
+from deblur.io.storage import Storage
 from tests.integration.helpers import all_results, jpeg
 
 BIN = Path(sys.executable).parent

@@ -34,7 +34,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 def _guard(func: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a command body, turning domain errors into one line and an exit code."""
-    from pipeline.errors import ConfigError, ManifestError, PipelineError, WeightsError
+    from deblur.errors import ConfigError, ManifestError, PipelineError, WeightsError
 
     try:
         return func(*args, **kwargs)
@@ -43,7 +43,7 @@ def _guard(func: Any, *args: Any, **kwargs: Any) -> Any:
     except PipelineError as exc:
         raise _fail(str(exc), EXIT_RUNTIME) from None
     except Exception as exc:
-        from pipeline.scheduler import WorkerStartError
+        from deblur.run.pool import WorkerStartError
 
         if isinstance(exc, WorkerStartError):
             raise _fail(str(exc), EXIT_RUNTIME) from None
@@ -135,7 +135,7 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Deblur every image of SOURCE into DESTINATION (same relative paths)."""
-    from pipeline import config as config_mod
+    from deblur import config as config_mod
 
     overrides = {
         **_job_overrides(source, destination, job_root=job_root, shard_size=shard_size,
@@ -151,8 +151,8 @@ def run(
 
 
 def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None) -> int:
-    from pipeline.scheduler import execute, open_or_plan
-    from pipeline.storage import get_storage
+    from deblur.run.pool import execute, open_or_plan
+    from deblur.io.storage import get_storage
 
     storage = get_storage(job.storage)
     ledger = open_or_plan(job, storage, resume=resume, job_id=job_id)
@@ -200,7 +200,7 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print the submission as JSON.")] = False,
 ) -> None:
     """Send the job to a running Ray cluster (Ray Jobs API); prints the submission id."""
-    from pipeline import config as config_mod
+    from deblur import config as config_mod
 
     overrides = _job_overrides(source, destination, job_root=job_root, shard_size=shard_size,
                                model=model, weights=weights, random_weights=random_weights,
@@ -218,7 +218,7 @@ def _submit(job: Any, address: str, *, job_id: str | None, resume: bool,
             runtime_env: Path | None, follow: bool, as_json: bool) -> int:
     import dataclasses
 
-    from pipeline import submit as submit_mod
+    from deblur.run import submit as submit_mod
 
     extra = submit_mod.load_runtime_env(runtime_env)
     if not os.environ.get("RAY_AUTH_TOKEN") and os.environ.get("RAY_AUTH_MODE") != "token":
@@ -272,10 +272,10 @@ def rerun(
 
 
 def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
-    from pipeline import config as config_mod
-    from pipeline.ledger import Ledger
-    from pipeline.scheduler import execute
-    from pipeline.storage import get_storage
+    from deblur import config as config_mod
+    from deblur.job.ledger import Ledger
+    from deblur.run.pool import execute
+    from deblur.io.storage import get_storage
 
     ledger = Ledger.open(get_storage(), job_root)
     data = ledger.config().to_dict()
@@ -345,9 +345,9 @@ def status(
 
 
 def _status(job_root: str, as_json: bool) -> None:
-    from pipeline.ledger import Ledger
-    from pipeline.metrics import read_latest_snapshot
-    from pipeline.storage import get_storage
+    from deblur.job.ledger import Ledger
+    from deblur.observe.metrics import read_latest_snapshot
+    from deblur.io.storage import get_storage
 
     ledger = Ledger.open(get_storage(), job_root)
     data = ledger.status().to_dict()
@@ -392,8 +392,8 @@ def cancel(job_root: Annotated[str, typer.Argument(help="The job's ledger root."
 
 
 def _cancel(job_root: str) -> None:
-    from pipeline.ledger import Ledger
-    from pipeline.storage import get_storage
+    from deblur.job.ledger import Ledger
+    from deblur.io.storage import get_storage
 
     Ledger.open(get_storage(), job_root).request_cancel()
     typer.echo(f"cancel requested for {job_root}; the driver stops within seconds")
@@ -413,9 +413,9 @@ def report(
 
 
 def _report_page(job_root: str, out: str | None, open_page: bool, samples: int) -> None:
-    from pipeline.ledger import Ledger
-    from pipeline.report import write_report
-    from pipeline.storage import get_storage, is_s3
+    from deblur.job.ledger import Ledger
+    from deblur.observe.report import write_report
+    from deblur.io.storage import get_storage, is_s3
 
     ledger = Ledger.open(get_storage(), job_root)
     stored = write_report(ledger, out, samples)
@@ -437,8 +437,8 @@ def list_jobs(destination: Annotated[str, typer.Argument(help="A job's destinati
 
 
 def _list(destination: str) -> None:
-    from pipeline.ledger import list_jobs as ledger_list_jobs
-    from pipeline.storage import get_storage
+    from deblur.job.ledger import list_jobs as ledger_list_jobs
+    from deblur.io.storage import get_storage
 
     for job in ledger_list_jobs(get_storage(), destination):
         typer.echo(json.dumps(job, default=str))
@@ -454,8 +454,8 @@ def manifest(
 
 
 def _manifest(prefix: str, out: str) -> None:
-    from pipeline.manifest import write_listing
-    from pipeline.storage import get_storage
+    from deblur.job.manifest import write_listing
+    from deblur.io.storage import get_storage
 
     count = write_listing(prefix, out, get_storage())
     typer.echo(f"wrote {count} keys to {out}")
@@ -467,7 +467,7 @@ def samples(
     count: Annotated[int, typer.Option(help="How many images.")] = 8,
 ) -> None:
     """Make synthetic blurry sample images (known motion blur) for a demo job."""
-    from pipeline.samples import reference_folder, write_samples
+    from deblur.dev.samples import reference_folder, write_samples
 
     paths = write_samples(folder, count=count)
     typer.echo(f"wrote {len(paths)} blurry sample images to {folder} "
@@ -484,7 +484,7 @@ def plan(
     shard_size: ShardSize = None,
     gpus: Annotated[int, typer.Option(help="Devices the job would run on.")] = 1,
     gpu_type: Annotated[str, typer.Option(
-        help="Device type with a measured throughput figure (pipeline/plan.py).")] = "cpu-dev",
+        help="Device type with a measured throughput figure (deblur/job/estimate.py).")] = "cpu-dev",
     sample: Annotated[int, typer.Option(help="Image headers to read (a seeded sample).")] = 200,
     seed: Annotated[int, typer.Option(help="Sample seed.")] = 0,
     out: Annotated[Path | None, typer.Option(
@@ -502,8 +502,8 @@ def plan(
 
 def _plan_config(path: Path | None, overrides: dict[str, Any]) -> Any:
     """The job config as `run` loads it; a plan needs no weights, so none given is fine."""
-    from pipeline import config as config_mod
-    from pipeline.errors import ConfigError
+    from deblur import config as config_mod
+    from deblur.errors import ConfigError
 
     try:
         return config_mod.load(path, overrides)
@@ -516,8 +516,8 @@ def _plan_config(path: Path | None, overrides: dict[str, Any]) -> Any:
 
 def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Path | None,
           as_json: bool) -> None:
-    from pipeline import plan as plan_mod
-    from pipeline.storage import get_storage
+    from deblur.job import estimate as plan_mod
+    from deblur.io.storage import get_storage
 
     report = plan_mod.estimate(job, get_storage(job.storage), gpus=gpus, gpu_type=gpu_type,
                                sample_size=sample, seed=seed)
@@ -529,7 +529,7 @@ def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Pa
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline.scheduler").setLevel(logging.INFO)  # workers, metrics URL
+    logging.getLogger("deblur.run.pool").setLevel(logging.INFO)  # workers, metrics URL
     app()
 
 

@@ -31,14 +31,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import codec, quality
-from pipeline.batching import Batch, DynamicBatcher
-from pipeline.config import JobConfig
-from pipeline.errors import ImageError, NotFoundError, PipelineError, StorageError
-from pipeline.ledger import RESULT_SCHEMA, Ledger
-from pipeline.storage import Storage, get_storage
+from deblur.io import codec
+from deblur.observe import quality
+from deblur.run.batcher import Batch, DynamicBatcher
+from deblur.config import JobConfig
+from deblur.errors import ImageError, NotFoundError, PipelineError, StorageError
+from deblur.job.ledger import RESULT_SCHEMA, Ledger
+from deblur.io.storage import Storage, get_storage
 
-log = logging.getLogger("pipeline.worker")
+log = logging.getLogger("deblur.run.worker")
 
 
 @dataclass
@@ -347,8 +348,8 @@ def describe_failure(key: str, exc: BaseException) -> tuple[str, str]:
 
 def build_processor(config: JobConfig, worker_id: str) -> ShardProcessor:
     """Load the model once and wrap it in a processor (the actor's constructor body)."""
-    from pipeline.inference import Deblurrer
-    from pipeline.model import load_model
+    from deblur.run.inference import Deblurrer
+    from deblur.model import load_model
 
     model, _ = load_model(config.model)
     deblurrer = Deblurrer(model, config.model)
@@ -369,7 +370,7 @@ class WorkerActor:
     """Ray actor body (decorated in ``scheduler``): one replica, several shards in flight."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from pipeline.config import from_dict
+        from deblur.config import from_dict
 
         logging.basicConfig(level=logging.INFO)
         self.processor = build_processor(from_dict(config), worker_name())

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import codec
-from pipeline.config import CodecConfig
-from pipeline.errors import ManifestError, StorageError
-from pipeline.storage import Storage, as_folder, is_s3, join, parse_s3, to_local_path
+from deblur.io import codec
+from deblur.config import CodecConfig
+from deblur.errors import ManifestError, StorageError
+from deblur.io.storage import Storage, as_folder, is_s3, join, parse_s3, to_local_path
 
 MAX_KEY_BYTES = 1024  # S3's limit on a key
 BATCH_ROWS = 65_536

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from pipeline.config import StorageConfig
-from pipeline.errors import (
+from deblur.config import StorageConfig
+from deblur.errors import (
     AccessDeniedError,
     AlreadyExistsError,
     NotFoundError,
@@ -33,7 +33,7 @@ from pipeline.errors import (
     ThrottledError,
 )
 
-log = logging.getLogger("pipeline.storage")
+log = logging.getLogger("deblur.io.storage")
 
 TMP_MARK = ".deblur-tmp-"
 """Temporary local files carry this in their name; listings skip them."""

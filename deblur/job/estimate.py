@@ -18,11 +18,11 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline import codec
-from pipeline.config import JobConfig
-from pipeline.errors import ConfigError, ImageError, ManifestError, StorageError
-from pipeline.manifest import is_manifest, plan_rows
-from pipeline.storage import Storage
+from deblur.io import codec
+from deblur.config import JobConfig
+from deblur.errors import ConfigError, ImageError, ManifestError, StorageError
+from deblur.job.manifest import is_manifest, plan_rows
+from deblur.io.storage import Storage
 
 HEADER_BYTES = 64 * 1024  # one ranged GET; almost every header fits in the first one
 HEADER_BYTES_MAX = 1024 * 1024  # JPEG EXIF/ICC blocks and TIFF directories can lie further in
@@ -105,7 +105,7 @@ def throughput(gpu_type: str, model: str) -> tuple[float, str]:
         raise ConfigError(f"--gpu-type {gpu_type!r}: no measured throughput for {model} on it; "
                           f"measured: {', '.join(known) or 'none'} (GPU figures remain to be "
                           f"measured with bench/gpu.py and added to THROUGHPUT in "
-                          f"pipeline/plan.py)")
+                          f"deblur/job/estimate.py)")
     return figure
 
 

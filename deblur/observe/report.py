@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.qa import QASample, write_pairs
+from deblur.observe.qa import QASample, write_pairs
 
 _HIST_RANGES = {"sharpness_ratio": (0.0, 4.0), "psnr": (15.0, 45.0), "ssim": (0.5, 1.0)}
 _BINS = 32

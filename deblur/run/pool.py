@@ -21,10 +21,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig
-from pipeline.ledger import RESULT_SCHEMA, Ledger, ShardSummary, quality_means
+from deblur.config import JobConfig
+from deblur.job.ledger import RESULT_SCHEMA, Ledger, ShardSummary, quality_means
 
-log = logging.getLogger("pipeline.scheduler")
+log = logging.getLogger("deblur.run.pool")
 
 # Errors that mean "the actor (or its node) is gone": the shard is retried elsewhere.
 _LOST = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
@@ -84,13 +84,13 @@ class Scheduler:
                  actor_class: Any | None = None, metrics: Any | None = None) -> None:
         import ray
 
-        from pipeline.worker import WorkerActor
+        from deblur.run.worker import WorkerActor
 
         self.ray = ray
         self.config = config
         self.ledger = ledger
         self.on_progress = on_progress or (lambda progress: None)
-        self.metrics = metrics  # pipeline.metrics.JobMetrics, or None
+        self.metrics = metrics  # deblur.observe.metrics.JobMetrics, or None
         sched = config.scheduler
         actor = actor_class or ray.remote(WorkerActor)
         self.actor_options = actor.options(
@@ -378,7 +378,7 @@ def _weights_info(config: JobConfig) -> dict[str, Any]:
     """Model name and the weights' sha256, recorded in job.json (read once by the driver)."""
     import hashlib
 
-    from pipeline.model.weights import read_bytes
+    from deblur.model.weights import read_bytes
 
     model = config.model
     if model.random_weights:
@@ -396,8 +396,8 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
     ``job_id`` names a new job (``deblur submit`` picks it so the job root is known before the
     cluster starts); default: UTC time + random.
     """
-    from pipeline.errors import ConfigError
-    from pipeline.ledger import check_job_id, default_job_root, new_job_id
+    from deblur.errors import ConfigError
+    from deblur.job.ledger import check_job_id, default_job_root, new_job_id
 
     if config.job_root and storage.exists(config.job_root.rstrip("/") + "/job.json"):
         if not resume:
@@ -424,7 +424,7 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
     """
     import json
 
-    from pipeline.metrics import JobMetrics, SnapshotWriter, latency_percentiles
+    from deblur.observe.metrics import JobMetrics, SnapshotWriter, latency_percentiles
 
     job = ledger.job()
     model = job.get("model") or {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from deblur.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_FORMATS = ("same", "jpeg", "png", "webp")
@@ -214,7 +214,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """Per-image quality figures (pipeline/quality.py)."""
+    """Per-image quality figures (deblur/observe/quality.py)."""
 
     sharpness_sample_rate: float = 1.0
     """Share of images that get sharpness figures (deterministic by row); 0 turns them off."""

@@ -27,8 +27,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import CodecConfig
-from pipeline.errors import ImageError
+from deblur.config import CodecConfig
+from deblur.errors import ImageError
 
 # Formats we decode. GIF (animation) and formats PIL only half supports are refused clearly.
 FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp"}

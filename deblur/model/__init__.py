@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from pipeline.errors import ModelError
-from pipeline.model.mimo_unet import MIMOUNet, MIMOUNetConfig, SelfEnsemble
+from deblur.errors import ModelError
+from deblur.model.mimo_unet import MIMOUNet, MIMOUNetConfig, SelfEnsemble
 
 if TYPE_CHECKING:
-    from pipeline.config import ModelConfig
-    from pipeline.model.weights import WeightsInfo
+    from deblur.config import ModelConfig
+    from deblur.model.weights import WeightsInfo
 
 STRIDE = 4
 """H and W of a network input must be multiples of this (two stride-2 stages)."""
@@ -51,7 +51,7 @@ def create_model(name: str) -> nn.Module:
 
 def load_model(config: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
     """The configured network with its weights (or random ones, only when asked for)."""
-    from pipeline.model.weights import RANDOM_WEIGHTS, load_weights
+    from deblur.model.weights import RANDOM_WEIGHTS, load_weights
 
     model = create_model(config.name)
     if config.random_weights:

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline import codec
-from pipeline.config import CodecConfig
-from pipeline.errors import PipelineError
+from deblur.io import codec
+from deblur.config import CodecConfig
+from deblur.errors import PipelineError
 
 _COLUMNS = ("row_id", "key", "output_key", "status", "reason", "error", "width", "height",
             "sharpness_in", "sharpness_out", "sharpness_ratio", "psnr", "ssim")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.errors import StorageError, WeightsError
+from deblur.errors import StorageError, WeightsError
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ RANDOM_WEIGHTS = WeightsInfo(uri=None, sha256=None, random=True)
 
 def read_bytes(uri: str) -> bytes:
     """Fetch the checkpoint through the project's storage layer (local, file://, s3://)."""
-    from pipeline.storage import get_storage
+    from deblur.io.storage import get_storage
 
     try:
         return get_storage().get(uri)

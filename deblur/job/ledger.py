@@ -37,11 +37,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import __version__
-from pipeline.config import JobConfig, from_dict
-from pipeline.errors import AlreadyExistsError, ConfigError, ManifestError, NotFoundError
-from pipeline.manifest import SHARD_SCHEMA, iter_shards, plan_rows
-from pipeline.storage import Storage, as_folder, join
+from deblur import __version__
+from deblur.config import JobConfig, from_dict
+from deblur.errors import AlreadyExistsError, ConfigError, ManifestError, NotFoundError
+from deblur.job.manifest import SHARD_SCHEMA, iter_shards, plan_rows
+from deblur.io.storage import Storage, as_folder, join
 
 RESULT_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from pipeline.config import BatchConfig
+from deblur.config import BatchConfig
 
 T = TypeVar("T")
 

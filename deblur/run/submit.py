@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import JobConfig
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.ledger import check_job_id, default_job_root, new_job_id
+from deblur.config import JobConfig
+from deblur.errors import ConfigError, PipelineError
+from deblur.job.ledger import check_job_id, default_job_root, new_job_id
 
 CONFIG_NAME = "deblur-job.yaml"
 # Credentials must reach workers through the cluster's own identity (IAM role, IRSA, a

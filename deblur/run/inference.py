@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import ModelError
-from pipeline.model import STRIDE
+from deblur.config import ModelConfig
+from deblur.errors import ModelError
+from deblur.model import STRIDE
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -105,7 +105,7 @@ class Deblurrer:
     """One model replica on one device, turning batches of pixels into deblurred pixels.
 
     Args:
-        model: a network from ``pipeline.model.create_model`` with its weights loaded.
+        model: a network from ``deblur.model.create_model`` with its weights loaded.
         config: device, precision, channels_last and tiling settings.
     """
 

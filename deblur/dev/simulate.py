@@ -19,8 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.ledger import RESULT_SCHEMA, Ledger
-from pipeline.storage import Storage
+from deblur.job.ledger import RESULT_SCHEMA, Ledger
+from deblur.io.storage import Storage
 
 
 class SimulatedWorker:
@@ -92,7 +92,7 @@ def plan_job(root: str, images: int, shard_size: int, storage: Storage,
     """A job of ``images`` synthetic keys (never fetched) planned through the real ledger."""
     import pyarrow.parquet as pq
 
-    from pipeline import config as config_mod
+    from deblur import config as config_mod
 
     os.makedirs(root, exist_ok=True)
     manifest = os.path.join(root, "manifest.parquet")

@@ -10,7 +10,7 @@ Two cases, each on local storage and on moto S3 (its standalone server on 127.0.
     Deblurrer on pre-decoded batches of the same size), so the ratio says how well I/O hides
     behind compute.
 Pipeline throughput counts from the moment the first worker is ready (model loading excluded,
-pipeline fill included) to the job's end, through the real scheduler, Ray actor and ledger.
+pipeline fill included) to the job's end, through the real actor pool, Ray actor and ledger.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 from deblur.io import codec
 from deblur import config as config_mod
 from deblur.dev.samples import make_scene, motion_blur
-from deblur.run.pool import execute, open_or_plan, start_ray
+from deblur.run.driver import execute, open_or_plan, start_ray
 from deblur.io.storage import Storage, get_storage
 from deblur.run.worker import ShardProcessor, WorkerActor, worker_name
 
@@ -91,7 +91,7 @@ def model_only(uris: list[str], storage: Storage, job: config_mod.JobConfig) -> 
     from deblur.model import load_model
 
     images = [codec.decode(storage.get(u), u, job.codec).pixels for u in uris]
-    deblurrer = Deblurrer(load_model(job.model)[0], job.model)
+    deblurrer = Deblurrer(load_model(job.model), job.model)
     batch = job.batch.max_batch
     deblurrer.deblur(images[:batch])  # warm-up
     start = time.perf_counter()

@@ -1,10 +1,10 @@
-"""The driver at scale: the real scheduler and ledger feeding simulated GPU workers on Ray.
+"""The driver at scale: the real actor pool and ledger feeding simulated GPU workers on Ray.
 
     .venv/bin/python bench/scale.py                          # 50 and 200 workers
     .venv/bin/python bench/scale.py --workers 50 --shards-per-worker 20
 
 Each level runs a job of ``workers x shards-per-worker`` shards of ``--shard-size`` synthetic
-images through the real Scheduler, real Ray actors (``deblur.dev.simulate.SimulatedWorker``: real
+images through the real ActorPool, real Ray actors (``deblur.dev.simulate.SimulatedWorker``: real
 ledger I/O, a model that sleeps at ``--rate`` images/s per GPU, logical GPUs) and the ledger on
 local disk. It prints, per level: shard dispatches per second with every worker up (and what the
 workers could have absorbed), the GPUs' busy share and idle gaps between shards, the driver's
@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from deblur.job.ledger import Ledger
-from deblur.run.pool import Scheduler
+from deblur.run.pool import ActorPool
 from deblur.dev.simulate import Recorder, SimulatedWorker, figures, plan_job
 from deblur.io.storage import Storage
 
@@ -81,10 +81,9 @@ def level(workers: int, shards_per_worker: int, shard_size: int, rate: float,
              runtime_env={"env_vars": {"DEBLUR_SIM_RATE": str(rate)}})
     try:
         recorder = Recorder(workers)
-        scheduler = Scheduler(ledger.config(), ledger, None, ray.remote(SimulatedWorker),
-                              recorder)
+        pool = ActorPool(ledger.config(), ledger, None, ray.remote(SimulatedWorker), recorder)
         cpu0, wall0 = time.process_time(), time.time()
-        progress = scheduler.run(ledger.shard_ids(), shards * shard_size)
+        progress = pool.run(ledger.shard_ids(), shards * shard_size)
         cpu, wall = time.process_time() - cpu0, time.time() - wall0
     finally:
         ray.shutdown()

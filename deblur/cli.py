@@ -40,14 +40,8 @@ def _guard(func: Any, *args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
     except (ConfigError, ManifestError, WeightsError) as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
-    except PipelineError as exc:
+    except PipelineError as exc:  # storage, a worker that cannot start, the cluster, …
         raise _fail(str(exc), EXIT_RUNTIME) from None
-    except Exception as exc:
-        from deblur.run.pool import WorkerStartError
-
-        if isinstance(exc, WorkerStartError):
-            raise _fail(str(exc), EXIT_RUNTIME) from None
-        raise
 
 
 # -- options shared by run and rerun ---------------------------------------------------------
@@ -151,7 +145,7 @@ def run(
 
 
 def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None) -> int:
-    from deblur.run.pool import execute, open_or_plan
+    from deblur.run.driver import execute, open_or_plan
     from deblur.io.storage import get_storage
 
     storage = get_storage(job.storage)
@@ -274,7 +268,7 @@ def rerun(
 def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
     from deblur import config as config_mod
     from deblur.job.ledger import Ledger
-    from deblur.run.pool import execute
+    from deblur.run.driver import execute
     from deblur.io.storage import get_storage
 
     ledger = Ledger.open(get_storage(), job_root)
@@ -345,16 +339,13 @@ def status(
 
 
 def _status(job_root: str, as_json: bool) -> None:
-    from deblur.job.ledger import Ledger
-    from deblur.observe.metrics import read_latest_snapshot
     from deblur.io.storage import get_storage
+    from deblur.job.ledger import Ledger
 
     ledger = Ledger.open(get_storage(), job_root)
     data = ledger.status().to_dict()
-    snapshot = read_latest_snapshot(ledger)
-    summary = None
-    if ledger.storage.exists(ledger.job_root + "summary.json"):
-        summary = json.loads(ledger.storage.get(ledger.job_root + "summary.json"))
+    snapshot = ledger.latest_snapshot()
+    summary = ledger.read_summary()
     if as_json:
         typer.echo(json.dumps({**data, "last_snapshot": snapshot, "summary": summary},
                               indent=2, default=str))
@@ -529,7 +520,8 @@ def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Pa
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("deblur.run.pool").setLevel(logging.INFO)  # workers, metrics URL
+    for name in ("deblur.run.driver", "deblur.run.pool"):  # workers, metrics URL
+        logging.getLogger(name).setLevel(logging.INFO)
     app()
 
 

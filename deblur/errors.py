@@ -52,6 +52,14 @@ class AlreadyExistsError(StorageError):
     """A put-if-absent found the object already there."""
 
 
+class SubmitError(PipelineError):
+    """The Ray cluster could not be reached, refused the token, or refused the job."""
+
+
+class WorkerStartError(PipelineError):
+    """No worker could start (its constructor raised: bad weights, no GPU, …)."""
+
+
 class ImageError(PipelineError):
     """One image cannot be processed. ``reason`` is a short stable class for grouping.
 
@@ -66,3 +74,15 @@ class ImageError(PipelineError):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.args[0]}"
+
+
+def one_line(exc: BaseException) -> str:
+    """The line of an exception's text that carries its message, for one-line reports.
+
+    Most exceptions put it first (pyarrow adds detail lines below it); an error relayed by Ray
+    carries the remote traceback first and the original message last.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if any(line.startswith("Traceback") for line in lines) else lines[0]

@@ -1,21 +1,41 @@
-"""Shared fixtures: a real moto S3 server on 127.0.0.1 (HTTP, the real boto3 client)."""
+"""Shared fixtures and helpers, each kept once here.
+
+Fixtures: a real moto S3 server on 127.0.0.1 (HTTP, the real boto3 client), a fresh bucket, a
+``root`` that is a local folder or an S3 prefix, and a fault-injecting proxy.
+Helpers (plain functions, imported as ``from tests.conftest import ...``): free loopback
+ports, noise images and their encoded bytes (JPEG makers), job configurations and planned
+jobs, stand-in models, and a Storage that reports its reads.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from deblur import config as config_mod
 from deblur.config import StorageConfig
-from deblur.io.storage import Storage
+from deblur.io.storage import Storage, join
 from tests.faultproxy import FaultProxy
+
+if TYPE_CHECKING:
+    from deblur.job.ledger import Ledger
 
 # Dummy credentials for moto only; real ones must never reach the tests.
 _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-never-shown",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
+
+# -- servers and roots ---------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
@@ -51,6 +71,14 @@ def s3_bucket(moto_server: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test runs twice: under a local folder and under a prefix of a fresh S3 bucket."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_bucket") + "/data"
+    return str(tmp_path / "data")
+
+
 @pytest.fixture()
 def storage(moto_server: str) -> Storage:
     return Storage(StorageConfig(endpoint_url=moto_server))
@@ -62,3 +90,103 @@ def fault_proxy(moto_server: str) -> Iterator[FaultProxy]:
     proxy = FaultProxy((host_port[0], int(host_port[1]))).start()
     yield proxy
     proxy.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- images ----------------------------------------------------------------------------------
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Uniform noise, H x W x 3 uint8 (incompressible: every pixel is detail)."""
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), np.uint8)
+
+
+def image_bytes(img: Image.Image | np.ndarray, fmt: str, **options: object) -> bytes:
+    """``img`` encoded as ``fmt`` (a PIL format name) with PIL's save ``options``."""
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A noise JPEG of the given size."""
+    return image_bytes(noise(width, height, seed), "JPEG", quality=quality)
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+def job_config(source: str, destination: str, job_root: str | None = None,
+               **overrides: object) -> config_mod.JobConfig:
+    """A job with random weights (no checkpoint needed); ``overrides`` use dotted names, e.g.
+    ``**{"worker.io_threads": 2}``."""
+    settings: dict[str, object] = {"source": source, "destination": destination,
+                                   "model.random_weights": True}
+    if job_root is not None:
+        settings["job_root"] = job_root
+    return config_mod.load(None, {**settings, **overrides})
+
+
+def make_job(root: str, files: dict[str, bytes], storage: Storage | None = None,
+             job_id: str = "test", **overrides: object) -> Ledger:
+    """Write ``files`` under ROOT/src and plan a job ROOT/src -> ROOT/out at ROOT/job."""
+    from deblur.job.ledger import Ledger
+
+    storage = storage or Storage()
+    for name, data in files.items():
+        storage.put(join(root, f"src/{name}"), data)
+    job = job_config(join(root, "src"), join(root, "out"), join(root, "job"), **overrides)
+    return Ledger.create(storage, job, job_id=job_id, model_info={})
+
+
+# -- stand-in models (``infer`` for ShardProcessor) ------------------------------------------
+
+def identity(images: list[np.ndarray], shape: tuple[int, int] | None) -> list[np.ndarray]:
+    return [img.copy() for img in images]
+
+
+def unsharp(images: list[np.ndarray], shape: tuple[int, int] | None) -> list[np.ndarray]:
+    """A stand-in 'deblurrer' that really sharpens: output sharper than input."""
+    out = []
+    for img in images:
+        f = img.astype(np.float32)
+        blur = (np.roll(f, 1, 0) + np.roll(f, -1, 0) + np.roll(f, 1, 1) + np.roll(f, -1, 1)) / 4
+        out.append(np.clip(f + 1.5 * (f - blur), 0, 255).astype(img.dtype))
+    return out
+
+
+# -- storage that reports its reads ----------------------------------------------------------
+
+class CountingStorage(Storage):
+    """A real Storage that records every read (off the product's path: tests only).
+
+    ``whole`` lists whole-object GETs (recorded as they start), ``ranges`` ranged GETs as
+    (uri, start, bytes returned). ``on_get(uri)``, if given, is called as a whole GET starts.
+    """
+
+    def __init__(self, config: StorageConfig | None = None,
+                 on_get: Callable[[str], None] | None = None) -> None:
+        super().__init__(config)
+        self.whole: list[str] = []
+        self.ranges: list[tuple[str, int, int]] = []
+        self.on_get = on_get
+        self.lock = threading.Lock()
+
+    def get(self, uri: str) -> bytes:
+        with self.lock:
+            self.whole.append(uri)
+        if self.on_get is not None:
+            self.on_get(uri)
+        return super().get(uri)
+
+    def get_range(self, uri: str, length: int, start: int = 0) -> bytes:
+        data = super().get_range(uri, length, start)
+        with self.lock:
+            self.ranges.append((uri, start, len(data)))
+        return data

@@ -11,18 +11,13 @@ from PIL import Image, ImageCms
 from deblur.io.codec import decode, encode, output_key
 from deblur.config import CodecConfig
 from deblur.errors import ImageError
+from tests.conftest import image_bytes, noise
 
 CFG = CodecConfig()
 
 
-def _save(img: Image.Image, fmt: str, **options: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **options)
-    return buf.getvalue()
-
-
 def _rgb(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8))
+    return Image.fromarray(noise(w, h, seed))
 
 
 def _reason(data: bytes, cfg: CodecConfig = CFG) -> str:
@@ -33,29 +28,29 @@ def _reason(data: bytes, cfg: CodecConfig = CFG) -> str:
 
 
 def test_bad_inputs_have_clear_reasons() -> None:
-    jpeg = _save(_rgb(64, 64), "JPEG")
+    jpeg = image_bytes(_rgb(64, 64), "JPEG")
     assert _reason(b"") == "empty"
     assert _reason(b"just some text, not an image") == "unsupported_format"
     assert _reason(jpeg[: len(jpeg) // 3]) in ("truncated", "corrupt")
-    assert _reason(_save(_rgb(), "GIF")) == "unsupported_format"
-    corrupt = bytearray(_save(_rgb(64, 64), "PNG"))
+    assert _reason(image_bytes(_rgb(), "GIF")) == "unsupported_format"
+    corrupt = bytearray(image_bytes(_rgb(64, 64), "PNG"))
     corrupt[60:200] = b"\x00" * 140
     assert _reason(bytes(corrupt)) in ("corrupt", "truncated")
 
 
 def test_decompression_bomb_is_refused_before_decoding() -> None:
     # A PNG declaring 20000 x 20000 pixels, whose data is tiny.
-    bomb = _save(Image.new("L", (20000, 20000)), "PNG")
+    bomb = image_bytes(Image.new("L", (20000, 20000)), "PNG")
     assert len(bomb) < 1_000_000
     assert _reason(bomb, CodecConfig(max_pixels=100_000_000)) == "too_large"
-    assert _reason(_save(_rgb(100, 100), "PNG"), CodecConfig(max_pixels=9_999)) == "too_large"
+    assert _reason(image_bytes(_rgb(100, 100), "PNG"), CodecConfig(max_pixels=9_999)) == "too_large"
 
 
 def test_rgb_round_trip_keeps_size_format_icc_and_exif() -> None:
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     exif = Image.Exif()
     exif[0x010F] = "TestCam"
-    data = _save(_rgb(), "JPEG", icc_profile=icc, exif=exif.tobytes(), quality=95)
+    data = image_bytes(_rgb(), "JPEG", icc_profile=icc, exif=exif.tobytes(), quality=95)
     image = decode(data, "x.jpg", CFG)
     assert image.pixels.shape == (30, 40, 3) and image.pixels.dtype == np.uint8
     out = Image.open(io.BytesIO(encode(image, image.pixels, CFG)))
@@ -68,7 +63,7 @@ def test_exif_orientation_is_applied_and_reset() -> None:
     img = _rgb(40, 20)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    image = decode(_save(img, "JPEG", exif=exif.tobytes()), "x.jpg", CFG)
+    image = decode(image_bytes(img, "JPEG", exif=exif.tobytes()), "x.jpg", CFG)
     assert (image.width, image.height) == (20, 40) and image.pixels.shape == (40, 20, 3)
     out = Image.open(io.BytesIO(encode(image, image.pixels, CFG)))
     assert out.size == (20, 40) and out.getexif().get(0x0112, 1) == 1
@@ -78,7 +73,7 @@ def test_exif_orientation_is_applied_and_reset() -> None:
 def test_modes_convert_to_rgb_and_back(mode: str) -> None:
     src = _rgb().convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
-    image = decode(_save(src, fmt), f"x.{fmt.lower()}", CFG)
+    image = decode(image_bytes(src, fmt), f"x.{fmt.lower()}", CFG)
     assert image.pixels.shape == (30, 40, 3) and image.pixels.dtype == np.uint8
     out = Image.open(io.BytesIO(encode(image, image.pixels, CFG)))
     assert out.size == (40, 30)
@@ -91,7 +86,7 @@ def test_alpha_is_kept_untouched(mode: str) -> None:
     src = _rgb().convert(mode)
     alpha = np.random.default_rng(1).integers(0, 255, (30, 40), np.uint8)
     src.putalpha(Image.fromarray(alpha))
-    image = decode(_save(src, "PNG"), "x.png", CFG)
+    image = decode(image_bytes(src, "PNG"), "x.png", CFG)
     inverted = 255 - image.pixels
     out = Image.open(io.BytesIO(encode(image, inverted, CFG)))
     assert out.mode == mode
@@ -101,13 +96,13 @@ def test_alpha_is_kept_untouched(mode: str) -> None:
 def test_palette_with_transparency_keeps_alpha() -> None:
     src = _rgb().convert("P")
     src.info["transparency"] = 0
-    image = decode(_save(src, "PNG", transparency=0), "x.png", CFG)
+    image = decode(image_bytes(src, "PNG", transparency=0), "x.png", CFG)
     assert image.alpha is not None
 
 
 def test_sixteen_bit_grey_stays_sixteen_bit() -> None:
     values = np.random.default_rng(2).integers(0, 65535, (30, 40)).astype(np.uint16)
-    data = _save(Image.fromarray(values), "PNG")
+    data = image_bytes(Image.fromarray(values), "PNG")
     image = decode(data, "x.png", CFG)
     assert image.pixels.dtype == np.uint16
     np.testing.assert_array_equal(image.pixels[:, :, 0], values)
@@ -117,13 +112,13 @@ def test_sixteen_bit_grey_stays_sixteen_bit() -> None:
 
 
 def test_float_images_are_refused_with_a_reason() -> None:
-    data = _save(Image.fromarray(np.zeros((8, 8), np.float32), "F"), "TIFF")
+    data = image_bytes(Image.fromarray(np.zeros((8, 8), np.float32), "F"), "TIFF")
     assert _reason(data) == "unsupported_mode"
 
 
 def test_forced_output_format_and_keys() -> None:
     cfg = CodecConfig(output_format="webp", quality=80)
-    image = decode(_save(_rgb(), "PNG"), "x.png", cfg)
+    image = decode(image_bytes(_rgb(), "PNG"), "x.png", cfg)
     assert Image.open(io.BytesIO(encode(image, image.pixels, cfg))).format == "WEBP"
     assert output_key("a/b.PNG", cfg) == "a/b.webp"
     assert output_key("a/b.tar", cfg) == "a/b.tar.webp"

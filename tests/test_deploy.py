@@ -1,13 +1,13 @@
 """Deployment files, checked with the real tools: helm lint/template over several value sets,
-every custom resource validated against its CRD schema (../shared/schemas), the values schema
-refusing credentials and bad types, the chart's dashboard and rules identical to deploy/, the
-compose stack's Prometheus config, and the cluster-launcher config against Ray's own schema."""
+every custom resource validated against its CRD schema (vendored in deploy/schemas/), the values
+schema refusing credentials and bad types, the chart's dashboard and rules (helm/deblur/files/,
+the only copy), the compose stack's mounts and Prometheus configs, and the cluster-launcher
+config against Ray's own schema."""
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,18 +27,8 @@ VALUES = sorted((ROOT / "tests" / "helm-values").glob("*.yaml"))
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
 
 
-def _schemas_dir() -> Path:
-    """../shared/schemas beside the checkout; CI's clean clone may live elsewhere, so also the
-    workplace's shared folder (or DEBLUR_SCHEMAS). Missing everywhere is a failure, not a skip."""
-    candidates = [Path(os.environ["DEBLUR_SCHEMAS"])] if os.environ.get("DEBLUR_SCHEMAS") else []
-    candidates += [ROOT.parent / "shared" / "schemas", Path("/work/shared/schemas")]
-    for path in candidates:
-        if (path / "kuberay").is_dir():
-            return path
-    raise AssertionError(f"CRD schemas not found in any of {candidates}")
-
-
-SCHEMAS = _schemas_dir()
+# Upstream CRDs, vendored unchanged (deploy/schemas/README.md: sources, versions, licence).
+SCHEMAS = ROOT / "deploy" / "schemas"
 CRD_FILES = {
     "RayCluster": "kuberay/ray.io_rayclusters.yaml",
     "RayJob": "kuberay/ray.io_rayjobs.yaml",
@@ -217,21 +207,29 @@ def test_dashboard_configmap_and_rules_are_the_shipped_files() -> None:
     dashboards = [d for d in by_kind(docs, "ConfigMap")
                   if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
     assert len(dashboards) == 1
-    shipped = json.loads((ROOT / "deploy/grafana/deblur-dashboard.json").read_text())
+    shipped = json.loads((CHART / "files/deblur-dashboard.json").read_text())
     assert json.loads(dashboards[0]["data"]["deblur-dashboard.json"]) == shipped
-    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    rules = yaml.safe_load((CHART / "files/alerts.yml").read_text())
     assert by_kind(docs, "PrometheusRule")[0]["spec"]["groups"] == rules["groups"]
     alerts = {r.get("alert") for g in rules["groups"] for r in g["rules"]}
     assert "DeblurStalled" in alerts
 
 
-def test_chart_ships_byte_identical_copies_of_deploy_files() -> None:
-    pairs = [(ROOT / "deploy/grafana/deblur-dashboard.json", CHART / "files/deblur-dashboard.json"),
-             (ROOT / "deploy/prometheus/alerts.yml", CHART / "files/alerts.yml")]
-    for source, copy in pairs:
-        assert copy.read_bytes() == source.read_bytes(), (
-            f"{copy} differs from {source}: cp {source.relative_to(ROOT)} "
-            f"{copy.relative_to(ROOT)} (deploy/ is the source of truth)")
+def test_dashboard_and_rules_have_one_copy() -> None:
+    """helm/deblur/files/ is the only copy; the compose stack and scripts/monitor.sh use it."""
+    for name in ("deblur-dashboard.json", "alerts.yml"):
+        copies = [p.relative_to(ROOT).as_posix() for folder in ("deploy", "helm", "scripts")
+                  for p in (ROOT / folder).rglob(name)]
+        assert copies == [f"helm/deblur/files/{name}"], copies
+
+
+def test_vendored_crd_schemas_are_documented() -> None:
+    vendored = {p.relative_to(SCHEMAS).as_posix() for p in SCHEMAS.rglob("*.yaml")}
+    assert vendored == set(CRD_FILES.values())
+    readme = (SCHEMAS / "README.md").read_text()
+    for path in vendored:
+        assert f"`{path}`" in readme, f"{path} missing from deploy/schemas/README.md"
+    assert "Apache-2.0" in readme and (SCHEMAS / "LICENSE-Apache-2.0").is_file()
 
 
 def test_fixed_pool_with_secret_credentials() -> None:
@@ -340,25 +338,101 @@ def test_no_plain_credentials_in_any_rendering() -> None:
                 assert not re.search(r"(?i)secret|password|access_?key", doc["data"]["job.yaml"])
 
 
-def test_compose_stack_mounts_exist_and_prometheus_config_is_valid() -> None:
-    compose = yaml.safe_load((ROOT / "deploy/docker-compose.yaml").read_text())
+COMPOSE_FILES = sorted((ROOT / "deploy").glob("*compose*.y*ml"))
+
+
+def _binds(service: dict) -> list[tuple[str, str]]:
+    """(host source, container target) of a service's bind mounts, short or long syntax; named
+    volumes are left out."""
+    binds = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            if volume.get("type") == "bind":
+                binds.append((volume["source"], volume["target"]))
+            continue
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/", "~")):
+            binds.append((source, target))
+    return binds
+
+
+def _host(compose_file: Path, source: str) -> Path:
+    # Compose resolves relative host paths against the compose file's folder.
+    return (compose_file.parent / source).resolve()
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_mounts_and_build_paths_exist_in_the_repository(compose_file: Path) -> None:
+    compose = yaml.safe_load(compose_file.read_text())
+    named = set(compose.get("volumes") or {})
     for name, service in compose["services"].items():
+        for source, target in _binds(service):
+            assert not source.startswith(("/", "~")), f"{name}: {source} is outside the repo"
+            path = _host(compose_file, source)
+            assert path.is_relative_to(ROOT), f"{name}: {source} resolves outside the repo"
+            assert path.exists(), f"{name}: {source} ({path.relative_to(ROOT)}) missing"
+            # A file mounted onto a file path (Docker would otherwise create a directory).
+            assert path.is_file() == bool(Path(target).suffix), f"{name}: {source}:{target}"
         for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith("."):
-                assert (ROOT / "deploy" / source).exists(), f"{name}: {source} missing"
+            if isinstance(volume, str) and not volume.startswith((".", "/", "~")):
+                assert volume.split(":")[0] in named, f"{name}: undeclared volume {volume}"
+        build = service.get("build")
+        if build:
+            context = _host(compose_file, build["context"])
+            assert context.is_relative_to(ROOT) and context.is_dir(), build
+            assert (context / build["dockerfile"]).is_file(), build
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
-    assert compose["services"]["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
+
+
+def _promtool_check_config(config: Path) -> str:
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: scripts/install_tools.sh installs prometheus"
-    out = subprocess.run([promtool, "check", "config", str(ROOT / "deploy/prometheus/compose.yml")],
+    out = subprocess.run([promtool, "check", "config", str(config)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 rule files found" in out.stdout, out.stdout  # the rules are loaded, not skipped
+    return out.stdout
+
+
+def test_compose_stack_prometheus_and_grafana_see_the_charts_files(tmp_path: Path) -> None:
+    compose_file = ROOT / "deploy" / "docker-compose.yaml"
+    compose = yaml.safe_load(compose_file.read_text())
+    assert compose["services"]["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
+    # Prometheus: lay out its bind mounts as the container sees them, then check the config at
+    # the container's --config.file path, so its rule_files must resolve through the mounts.
+    prometheus = compose["services"]["prometheus"]
+    container = tmp_path / "container"
+    for source, target in _binds(prometheus):
+        path, dest = _host(compose_file, source), container / target.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, dest)
+    (flag,) = [a for a in prometheus["command"] if a.startswith("--config.file=")]
+    config = container / flag.partition("=")[2].lstrip("/")
+    assert config.is_file(), f"{flag} is not among the mounts"
+    _promtool_check_config(config)
+    rules = yaml.safe_load(config.read_text())["rule_files"]
+    assert all((config.parent / r).resolve().read_bytes() ==
+               (CHART / "files/alerts.yml").read_bytes() for r in rules), rules
+    # The same config in the checkout: relative paths resolve identically here.
+    assert "alerts.yml" in _promtool_check_config(ROOT / "deploy/prometheus/compose.yml")
+    # Grafana: the chart's dashboard, mounted into the folder the provider loads.
     provider = yaml.safe_load(
         (ROOT / "deploy/grafana/provisioning/dashboards/deblur.yaml").read_text())
-    mounted = [v for v in compose["services"]["grafana"]["volumes"] if "dashboard.json" in v]
-    assert mounted[0].split(":")[1].startswith(provider["providers"][0]["options"]["path"])
+    mounted = [(s, t) for s, t in _binds(compose["services"]["grafana"])
+               if t.endswith("dashboard.json")]
+    assert len(mounted) == 1
+    source, target = mounted[0]
+    assert _host(compose_file, source) == CHART / "files/deblur-dashboard.json"
+    assert target.startswith(provider["providers"][0]["options"]["path"] + "/")
+
+
+def test_monitor_script_prometheus_config_loads_the_charts_rules() -> None:
+    config = ROOT / "deploy/prometheus/prometheus.yml"
+    assert config.relative_to(ROOT).as_posix() in (ROOT / "scripts/monitor.sh").read_text()
+    _promtool_check_config(config)
+    rules = yaml.safe_load(config.read_text())["rule_files"]
+    assert [(config.parent / r).resolve() for r in rules] == [CHART / "files/alerts.yml"]
 
 
 def test_cluster_launcher_config_matches_rays_schema() -> None:

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from deblur import config as config_mod
 from deblur.errors import ConfigError, ManifestError
 from deblur.job.ledger import RESULT_SCHEMA, Ledger, default_job_root, list_jobs
 from deblur.io.storage import Storage, join
-
-
-@pytest.fixture(params=["s3", "local"])
-def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "s3":
-        return request.getfixturevalue("s3_bucket")
-    return str(tmp_path)
+from tests.conftest import job_config
 
 
 def _create(storage: Storage, root: str, count: int, shard_size: int = 4,
             job_id: str = "j1") -> Ledger:
     for i in range(count):
         storage.put(join(root, f"in/{i:02d}.jpg"), b"x")
-    job = config_mod.load(None, {"source": join(root, "in"), "destination": join(root, "out"),
-                                 "job_root": default_job_root(join(root, "out"), job_id),
-                                 "shard_size": shard_size, "model.random_weights": True})
+    job = job_config(join(root, "in"), join(root, "out"),
+                     default_job_root(join(root, "out"), job_id), shard_size=shard_size)
     return Ledger.create(storage, job, job_id=job_id, model_info={"name": "mimo-unet"})
 
 
@@ -96,9 +87,7 @@ def test_open_missing_job_and_empty_source(storage: Storage, root: str) -> None:
     with pytest.raises(ConfigError, match="no job at"):
         Ledger.open(storage, join(root, "nothing"))
     storage.put(join(root, "empty/readme.txt"), b"x")
-    job = config_mod.load(None, {"source": join(root, "empty"), "destination": join(root, "o"),
-                                 "job_root": join(root, "o/_deblur/x"),
-                                 "model.random_weights": True})
+    job = job_config(join(root, "empty"), join(root, "o"), join(root, "o/_deblur/x"))
     with pytest.raises(ManifestError, match="lists no images"):
         Ledger.create(storage, job, job_id="x", model_info={})
 

@@ -12,8 +12,9 @@ from prometheus_client import generate_latest
 from deblur.observe.metrics import METRIC_NAMES, JobMetrics, LatencySample, latency_percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
-DASHBOARD = ROOT / "deploy" / "grafana" / "deblur-dashboard.json"
-ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+# The only copies: the Helm chart ships them, the compose stack and scripts/monitor.sh mount them.
+DASHBOARD = ROOT / "helm" / "deblur" / "files" / "deblur-dashboard.json"
+ALERTS = ROOT / "helm" / "deblur" / "files" / "alerts.yml"
 _SUFFIXES = ("_bucket", "_sum", "_count", "_total", "_created")
 
 

@@ -20,7 +20,7 @@ from deblur.config import ModelConfig
 from deblur.errors import ConfigError, ModelError, WeightsError
 from deblur.model import MODELS, create_model, load_model
 from deblur.model.mimo_unet import SelfEnsemble
-from deblur.model.weights import load_weights
+from deblur.model.weights import load_weights, provenance
 
 C = 32
 
@@ -193,8 +193,8 @@ def test_authors_fp16_checkpoint_loads_strictly(tmp_path: Path) -> None:
     path = tmp_path / "MIMO-UNet.pkl"
     torch.save({"model": sd, "optimizer": {"state": {}}, "epoch": 3000}, path)
     model = create_model("mimo-unet")
-    info = load_weights(model, str(path), "mimo-unet")
-    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = load_weights(model, str(path), "mimo-unet")
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     for k, v in model.state_dict().items():
         assert v.dtype == torch.float32
         assert torch.equal(v, sd[k].float()), k
@@ -256,5 +256,6 @@ def test_no_weights_refuses_unless_random_weights_is_explicit() -> None:
     with pytest.raises(ConfigError, match="--random-weights"):
         ModelConfig().validate()
     ModelConfig(random_weights=True).validate()
-    model, info = load_model(ModelConfig(random_weights=True))
-    assert info.random and info.sha256 is None and not model.training
+    model = load_model(ModelConfig(random_weights=True))
+    assert provenance(ModelConfig(random_weights=True))["weights_sha256"] is None
+    assert not model.training

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,38 +15,18 @@ from deblur import config as config_mod
 from deblur.job import estimate as plan_mod
 from deblur.errors import ConfigError, ManifestError, NotFoundError
 from deblur.io.storage import Storage, join
+from tests.conftest import CountingStorage, image_bytes, job_config
+from tests.conftest import noise as noise_pixels
 
 DEBLUR = str(Path(sys.executable).parent / "deblur")
 SMALL_MP = 100 * 50 / 1e6
 
 
 def _image(width: int, height: int, fmt: str, noise: bool = False, **options: object) -> bytes:
-    if noise:  # incompressible: a big file whose header is still at the front
-        pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
-        img = Image.fromarray(pixels)
-    else:
-        img = Image.new("RGB", (width, height), (40, 90, 160))
-    buf = io.BytesIO()
-    img.save(buf, fmt, **options)
-    return buf.getvalue()
-
-
-class CountingStorage(Storage):
-    """Records every read, so a test can tell header reads from whole-object reads."""
-
-    def __init__(self, storage: Storage) -> None:
-        super().__init__(storage.config)
-        self.ranges: list[tuple[str, int, int]] = []  # (uri, start, bytes returned)
-        self.whole: list[str] = []
-
-    def get(self, uri: str) -> bytes:
-        self.whole.append(uri)
-        return super().get(uri)
-
-    def get_range(self, uri: str, length: int, start: int = 0) -> bytes:
-        data = super().get_range(uri, length, start)
-        self.ranges.append((uri, start, len(data)))
-        return data
+    # noise: incompressible, a big file whose header is still at the front
+    img = noise_pixels(width, height) if noise else Image.new("RGB", (width, height),
+                                                              (40, 90, 160))
+    return image_bytes(img, fmt, **options)
 
 
 def _planted(storage: Storage, root: str) -> str:
@@ -81,17 +59,8 @@ def _planted(storage: Storage, root: str) -> str:
     return manifest
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "s3":
-        return request.getfixturevalue("s3_bucket") + "/plan"
-    return str(tmp_path / "plan")
-
-
 def _config(source: str, dest: str, **extra: object) -> config_mod.JobConfig:
-    return config_mod.load(None, {"source": source, "destination": dest, "shard_size": 5,
-                                  "codec.max_pixels": 7_000_000, "model.random_weights": True,
-                                  **extra})
+    return job_config(source, dest, shard_size=5, **{"codec.max_pixels": 7_000_000}, **extra)
 
 
 def test_plan_counts_sizes_problems_and_requests_exactly(storage: Storage, root: str) -> None:
@@ -140,7 +109,7 @@ def test_plan_counts_sizes_problems_and_requests_exactly(storage: Storage, root:
 def test_plan_reads_headers_only_and_writes_nothing(storage: Storage, root: str) -> None:
     manifest = _planted(storage, root)
     dest = join(root, "out")
-    counting = CountingStorage(storage)
+    counting = CountingStorage(storage.config)
     report = plan_mod.estimate(_config(manifest, dest), counting, sample_size=1000)
 
     assert counting.whole == [manifest]  # the manifest is read whole; no image ever is

@@ -10,19 +10,25 @@ from deblur.observe import quality
 from deblur.dev.samples import make_scene, motion_blur
 
 
-def test_more_blur_means_lower_sharpness() -> None:
+@pytest.mark.parametrize("angle", [0.0, 30.0, 45.0, 90.0, 135.0])
+def test_more_blur_means_lower_sharpness(angle: float) -> None:
     sharp = make_scene(np.random.default_rng(0), 128, 160)
     lengths = [1, 5, 9, 15]
-    laps, tens = zip(*(quality.sharpness(motion_blur(sharp, n, 30.0) if n > 1 else sharp)
+    laps, tens = zip(*(quality.sharpness(motion_blur(sharp, n, angle) if n > 1 else sharp)
                        for n in lengths))
     assert list(laps) == sorted(laps, reverse=True) and laps[0] > 4 * laps[-1]
-    assert list(tens) == sorted(tens, reverse=True)
+    assert list(tens) == sorted(tens, reverse=True) and tens[0] > 2 * tens[-1]
 
 
-def test_identity_does_not_raise_the_ratio() -> None:
-    img = make_scene(np.random.default_rng(1), 96, 96)
-    lap, _ = quality.sharpness(img)
-    assert quality.sharpness(img.copy())[0] / lap == pytest.approx(1.0)
+@pytest.mark.parametrize("angle", [0.0, 45.0, 90.0, 135.0])
+def test_ratio_is_below_one_for_a_blurred_copy_and_above_one_the_other_way(angle: float) -> None:
+    # sharpness_ratio = output / input: a "deblurrer" that blurs must score under 1, one that
+    # sharpens (the blurred photo in, the sharp scene out) over 1, whatever the blur direction.
+    sharp = make_scene(np.random.default_rng(1), 96, 96)
+    blurred = motion_blur(sharp, 9, angle)
+    (lap_sharp, ten_sharp), (lap_blur, ten_blur) = map(quality.sharpness, (sharp, blurred))
+    assert lap_blur / lap_sharp < 0.3 and ten_blur / ten_sharp < 0.5
+    assert lap_sharp / lap_blur > 1 / 0.3 and ten_sharp / ten_blur > 2.0
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from deblur.config import StorageConfig
 from deblur.errors import AccessDeniedError, AlreadyExistsError, NotFoundError, StorageError
-from deblur.io.storage import TMP_MARK, Storage, get_storage, join, parse_s3
+from deblur.io.local import TMP_MARK
+from deblur.io.storage import ObjectInfo, Storage, get_storage, join, parse_s3
 
 SECRET = "testing-secret-never-shown"
 
@@ -59,6 +63,14 @@ def test_get_range_reads_only_the_bytes_asked_for(storage: Storage, root: str) -
     assert storage.get_range(join(root, "zero.bin"), 100) == b""
     with pytest.raises(NotFoundError, match="missing.bin"):
         storage.get_range(join(root, "missing.bin"), 100)
+
+
+def test_a_missing_object_is_not_found_whatever_its_name(storage: Storage, root: str) -> None:
+    # S3's "range not satisfiable" must be told apart by its code, not by "416" in a message
+    # that quotes the URI.
+    uri = join(root, "IMG_4160.JPG")
+    with pytest.raises(NotFoundError, match="IMG_4160"):
+        storage.get_range(uri, 100)
 
 
 def test_missing_bucket_is_not_found(storage: Storage) -> None:
@@ -179,3 +191,66 @@ def test_one_client_per_process_and_config(moto_server: str) -> None:
     assert get_storage(cfg) is get_storage(cfg)
     assert get_storage(cfg).client is get_storage(cfg).client
     assert get_storage(cfg) is not get_storage(StorageConfig(endpoint_url=moto_server))
+
+
+def _same_sequence(storage: Storage, root: str) -> list[object]:
+    """Every operation, in an order that reaches each outcome; returns what a caller
+    sees, without what legitimately differs between stores (the URI root, tags, times)."""
+    seen: list[object] = []
+
+    def outcome(call: Callable[..., object], *args: object) -> None:
+        try:
+            result = call(*args)
+        except Exception as exc:  # noqa: BLE001 - the error's type is part of the outcome
+            seen.append(type(exc).__name__)
+            return
+        if isinstance(result, ObjectInfo):
+            result = (result.size, result.uri == args[0], result.etag is not None)
+        elif call == storage.put:
+            result = isinstance(result, str) and result != ""  # a version tag, each its own
+        seen.append(result)
+
+    outcome(storage.put, join(root, "in/b/2.PNG"), b"two")
+    outcome(storage.put, join(root, "in/a.jpg"), b"one", "image/jpeg")
+    outcome(storage.put, join(root, "in/notes.txt"), b"n")
+    outcome(storage.put_if_absent, join(root, "marker"), b"first")
+    outcome(storage.put_if_absent, join(root, "marker"), b"second")
+    outcome(storage.get, join(root, "marker"))
+    outcome(storage.get_range, join(root, "in/a.jpg"), 2, 1)
+    outcome(storage.get_range, join(root, "in/a.jpg"), 10, 3)
+    outcome(storage.head, join(root, "in/b/2.PNG"))
+    seen.append([(i.key, i.size) for i in storage.list(join(root, "in"), (".png", ".JPG"))])
+    seen.append(sorted(i.key for i in storage.list(join(root, "in"))))
+    outcome(storage.exists, join(root, "in/a.jpg"))
+    outcome(storage.delete, join(root, "in/a.jpg"))
+    outcome(storage.delete, join(root, "in/a.jpg"))
+    outcome(storage.exists, join(root, "in/a.jpg"))
+    outcome(storage.get, join(root, "in/a.jpg"))
+    outcome(storage.head, join(root, "in"))
+    return seen
+
+
+def test_each_scheme_reaches_its_own_store_and_behaves_the_same(
+        storage: Storage, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    monkeypatch.chdir(tmp_path)  # a URI handed to the wrong backend would land in here
+    on_s3, on_disk, as_file = s3_bucket + "/same", str(tmp_path / "disk"), f"file://{tmp_path}/f"
+    results: list[list[object]] = []
+    ops: list[collections.Counter[str]] = []
+    for root in (on_s3, on_disk, as_file):
+        before = collections.Counter(storage.ops)
+        results.append(_same_sequence(storage, root))
+        ops.append(storage.ops - before)
+    assert results[0] == results[1] == results[2]
+    assert results[0][4] == "AlreadyExistsError" and results[0][-1] == "NotFoundError"
+    assert ops[0] == ops[1] == ops[2] == {"PUT": 5, "GET": 4, "HEAD": 4, "LIST": 2, "DELETE": 2}
+
+    # Each write went where its scheme says, and the version tag is that store's own.
+    bucket, key = parse_s3(join(on_s3, "marker"))
+    assert storage.client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"first"
+    assert storage.put(join(on_s3, "tag"), b"t") == hashlib.md5(b"t").hexdigest()
+    assert (tmp_path / "disk" / "marker").read_bytes() == b"first"
+    assert (tmp_path / "f" / "marker").read_bytes() == b"first"
+    st = os.stat(tmp_path / "disk" / "marker")
+    assert storage.head(join(on_disk, "marker")).etag == f"{st.st_mtime_ns:x}-{st.st_size:x}"
+    assert sorted(os.listdir(tmp_path)) == ["disk", "f"]  # nothing under a literal "s3:" folder

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from deblur.job.ledger import RESULT_SCHEMA, Ledger
+from deblur.job.ledger import Ledger, result_table
 from deblur.io.storage import Storage
 
 
@@ -48,18 +48,13 @@ class SimulatedWorker:
             time.sleep(rows.num_rows / self.rate)
             gpu_end = time.time()
         n = rows.num_rows
-        valid = pa.array([not e for e in rows["error"].to_pylist()], pa.bool_())
-        status = pa.array(["ok" if v else "failed" for v in valid.to_pylist()], pa.string())
-        reason = pa.array([None if v else "invalid_key" for v in valid.to_pylist()], pa.string())
-        columns = {name: pa.nulls(n, RESULT_SCHEMA.field(name).type)
-                   for name in RESULT_SCHEMA.names}
-        columns.update(row_id=rows["row_id"], key=rows["key"], output_key=rows["output_key"],
-                       status=status, reason=reason, error=rows["error"],
-                       attempt=pa.array([attempt] * n, pa.int32()),
-                       worker=pa.array([self.worker_id] * n, pa.string()),
-                       finished_at=pa.array([gpu_end] * n, pa.float64()))
-        summary = ledger.commit(shard_id, pa.table(columns, schema=RESULT_SCHEMA),
-                                rows["row_id"] if previous is None else None)
+        valid = [not e for e in rows["error"].to_pylist()]
+        results = result_table(
+            rows, attempt=attempt, worker=self.worker_id, error=rows["error"],
+            status=pa.array(["ok" if v else "failed" for v in valid], pa.string()),
+            reason=pa.array([None if v else "invalid_key" for v in valid], pa.string()),
+            finished_at=pa.array([gpu_end] * n, pa.float64()))
+        summary = ledger.commit(shard_id, results, rows["row_id"] if previous is None else None)
         return {"shard": shard_id, "rows": n, "ok": summary.ok, "failed": summary.failed,
                 "seconds": gpu_end - gpu_start, "worker": self.worker_id, "attempt": attempt,
                 "summary": summary, "gpu": (gpu_start, gpu_end),
@@ -67,7 +62,7 @@ class SimulatedWorker:
 
 
 class Recorder:
-    """Stands in the scheduler's ``metrics`` slot: keeps every shard report and when the pool
+    """Stands in the actor pool's ``metrics`` slot: keeps every shard report and when the pool
     was first fully up, which is all the simulation's figures need."""
 
     def __init__(self, workers: int) -> None:

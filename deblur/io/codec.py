@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import posixpath
-import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -39,6 +38,8 @@ _ALPHA_FORMATS = {"png", "webp", "tiff"}
 _SIXTEEN_BIT_FORMATS = {"png", "tiff"}
 _GREY_MODES = {"L", "1", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
+MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+"""Full scale of each pixel dtype ``decode`` produces (and ``encode`` takes)."""
 
 # We enforce our own limit (max_pixels) before decoding; PIL's global one would fire later
 # with a less useful message, and differently per format.
@@ -105,10 +106,8 @@ def decode(data: bytes, name: str, config: CodecConfig) -> DecodedImage:
     source_format = FORMATS[img.format]
     icc = img.info.get("icc_profile")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
     except OSError as exc:
         text = str(exc)
         reason = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
@@ -163,11 +162,6 @@ def output_key(key: str, config: CodecConfig) -> str:
         return key
     stem, ext = posixpath.splitext(key)
     return (stem if ext.lower() in IMAGE_EXTENSIONS else key) + EXTENSION_OF[config.output_format]
-
-
-def content_type(fmt: str) -> str:
-    return {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
-            "tiff": "image/tiff", "bmp": "image/bmp"}[fmt]
 
 
 def encode(image: DecodedImage, pixels: np.ndarray, config: CodecConfig) -> bytes:

@@ -7,6 +7,12 @@ restarted driver on another machine) sees the same truth.
     <job_root>/index.parquet          one summary row per done shard (the driver keeps it)
     <job_root>/cancel                 present while a cancel is requested
     <job_root>/summary.json           totals when a run ends
+    <job_root>/metrics/<ms>.json      metric snapshots while a run goes on
+    <job_root>/qa/                    before/after thumbnails of the QA sample, index.json
+    <job_root>/report.html            the human report (`deblur report`)
+
+This module is the only code that knows these names, and ``result_row`` (``result_table``
+for whole columns) is the only constructor of a result row.
 
 job.json is written last when planning (with put-if-absent), so its existence means "planned";
 a shard is done iff its result object exists. A result is written whole (S3 put, or a local
@@ -70,6 +76,30 @@ RESULT_SCHEMA = pa.schema([
     pa.field("ssim", pa.float32()),
     pa.field("finished_at", pa.float64()),
 ])
+
+def result_row(row: dict[str, Any], *, attempt: int, worker: str,
+               **fields: Any) -> dict[str, Any]:
+    """A result row for the planned shard row ``row``: every column present, unset ones None."""
+    result = dict.fromkeys(RESULT_SCHEMA.names)
+    result.update(row_id=row["row_id"], key=row["key"], output_key=row["output_key"],
+                  attempt=attempt, worker=worker, **fields)
+    return result
+
+
+def result_table(rows: pa.Table, *, attempt: int, worker: str,
+                 **columns: pa.Array) -> pa.Table:
+    """``result_row`` for a whole table of planned rows at once, column by column.
+
+    For callers that fill every row the same way (the scale simulation): building a thousand
+    dicts per shard would cost more than the ledger I/O being measured.
+    """
+    n = rows.num_rows
+    data = {name: pa.nulls(n, RESULT_SCHEMA.field(name).type) for name in RESULT_SCHEMA.names}
+    data.update(row_id=rows["row_id"], key=rows["key"], output_key=rows["output_key"],
+                attempt=pa.array([attempt] * n, pa.int32()),
+                worker=pa.array([worker] * n, pa.string()), **columns)
+    return pa.table(data, schema=RESULT_SCHEMA)
+
 
 PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision"})
 """Failures a rerun cannot fix: they come from the manifest itself."""
@@ -336,9 +366,11 @@ class Ledger:
         ok = previous.filter(pc.equal(previous["status"], "ok"))["row_id"]
         return rows.filter(pc.invert(pc.is_in(rows["row_id"], value_set=ok))), previous
 
-    def commit(self, shard_id: int, results: pa.Table,
+    def commit(self, shard_id: int, results: pa.Table | list[dict[str, Any]],
                planned_ids: pa.Array | None = None) -> ShardSummary:
         """Write the shard's result: previous ok rows kept, the rest replaced by ``results``.
+
+        ``results``: a result table, or rows made by ``result_row``.
 
         Returns the shard's index row (the worker hands it to the driver in its report).
         ``planned_ids``: the shard's planned row ids, if the caller has them (saves a read).
@@ -346,6 +378,8 @@ class Ledger:
         Raises AssertionError (a bug, never an input problem) unless every row of the shard
         appears exactly once.
         """
+        if isinstance(results, list):
+            results = pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
         results = results.cast(RESULT_SCHEMA)
         previous = self.read_result(shard_id)
         if previous is not None:
@@ -452,6 +486,45 @@ class Ledger:
                          pending=int(job["rows"]) - ok - failed, shards_done=len(index),
                          shards_total=int(job["shards"]), failures_by_reason=reasons,
                          throughput=throughput, cancel_requested=self.cancel_requested())
+
+    # -- what a run leaves beside the results ------------------------------------------------
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.storage.put(self._path("summary.json"),
+                         json.dumps(summary, indent=2, default=str).encode())
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """summary.json of the last run that finished, or None."""
+        try:
+            return json.loads(self.storage.get(self._path("summary.json")))
+        except NotFoundError:
+            return None
+
+    def write_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """One metrics snapshot, named by its time so a listing sorts them."""
+        self.storage.put(self._path("metrics", f"{int(snapshot['time'] * 1000)}.json"),
+                         json.dumps(snapshot, indent=1).encode())
+
+    def latest_snapshot(self) -> dict[str, Any] | None:
+        """The newest metrics snapshot, or None before the first."""
+        try:
+            infos = list(self.storage.list(self._path("metrics"), (".json",)))
+        except NotFoundError:
+            return None
+        if not infos:
+            return None
+        return json.loads(self.storage.get(max(infos, key=lambda i: i.key).uri))
+
+    def write_qa(self, name: str, data: bytes, content_type: str | None = None) -> str:
+        """A file of the QA sample (thumbnail or index) under ``qa/``; returns its URI."""
+        uri = self._path("qa", name)
+        self.storage.put(uri, data, content_type)
+        return uri
+
+    def write_report(self, page: bytes) -> str:
+        uri = self._path("report.html")
+        self.storage.put(uri, page, "text/html; charset=utf-8")
+        return uri
 
     # -- cancel --------------------------------------------------------------------------------
 

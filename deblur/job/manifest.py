@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from deblur.io import codec
 from deblur.config import CodecConfig
-from deblur.errors import ManifestError, StorageError
+from deblur.errors import ManifestError, StorageError, one_line
 from deblur.io.storage import Storage, as_folder, is_s3, join, parse_s3, to_local_path
 
 MAX_KEY_BYTES = 1024  # S3's limit on a key
@@ -103,7 +103,7 @@ def read_batches(source: str, storage: Storage) -> tuple[str, Iterator[pa.Record
             reader = pq.ParquetFile(io.BytesIO(data))
         except (pa.ArrowInvalid, OSError) as exc:
             raise ManifestError(f"manifest {source} is not a readable Parquet file: "
-                                f"{_first_line(exc)}") from None
+                                f"{one_line(exc)}") from None
         recorded = (reader.schema_arrow.metadata or {}).get(BASE_METADATA)
         base = as_folder(recorded.decode()) if recorded else base
     return base, _parse(source, data)
@@ -124,14 +124,9 @@ def _parse(source: str, data: bytes) -> Iterator[pa.RecordBatch]:
     except ManifestError:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, OSError) as exc:
-        raise ManifestError(f"manifest {source} cannot be parsed: {_first_line(exc)}; write it "
+        raise ManifestError(f"manifest {source} cannot be parsed: {one_line(exc)}; write it "
                             f"as Parquet/CSV/JSONL with a 'key' column, or text with one key "
                             f"per line") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _parquet_batches(data: bytes, source: str) -> Iterator[pa.RecordBatch]:

@@ -12,7 +12,6 @@ from deblur.model.mimo_unet import MIMOUNet, MIMOUNetConfig, SelfEnsemble
 
 if TYPE_CHECKING:
     from deblur.config import ModelConfig
-    from deblur.model.weights import WeightsInfo
 
 STRIDE = 4
 """H and W of a network input must be multiples of this (two stride-2 stages)."""
@@ -49,12 +48,12 @@ def create_model(name: str) -> nn.Module:
     return factory().eval()
 
 
-def load_model(config: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
+def load_model(config: ModelConfig) -> nn.Module:
     """The configured network with its weights (or random ones, only when asked for)."""
-    from deblur.model.weights import RANDOM_WEIGHTS, load_weights
+    from deblur.model.weights import load_weights
 
     model = create_model(config.name)
-    if config.random_weights:
-        return model, RANDOM_WEIGHTS
-    assert config.weights, "ModelConfig.validate() requires weights or random_weights"
-    return model, load_weights(model, config.weights, config.name)
+    if not config.random_weights:
+        assert config.weights, "ModelConfig.validate() requires weights or random_weights"
+        load_weights(model, config.weights, config.name)
+    return model

@@ -15,27 +15,15 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from deblur.errors import StorageError, WeightsError
 
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Provenance of the weights a model runs with (stored in job.json)."""
-
-    uri: str | None
-    sha256: str | None
-    random: bool
-
-    def to_dict(self) -> dict[str, object]:
-        return {"uri": self.uri, "sha256": self.sha256, "random": self.random}
-
-
-RANDOM_WEIGHTS = WeightsInfo(uri=None, sha256=None, random=True)
+if TYPE_CHECKING:
+    from deblur.config import ModelConfig
 
 
 def read_bytes(uri: str) -> bytes:
@@ -107,10 +95,23 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], m
     raise WeightsError("; ".join(parts))
 
 
-def load_weights(model: nn.Module, uri: str, model_name: str) -> WeightsInfo:
-    """Load ``uri`` into ``model`` strictly (fp16 checkpoints are cast to the model's dtype)."""
+def provenance(config: ModelConfig) -> dict[str, Any]:
+    """Model name and the weights' sha256, as job.json records them (read once by the driver)."""
+    if config.random_weights:
+        return {"name": config.name, "weights": None, "weights_sha256": None,
+                "random_weights": True}
+    digest = hashlib.sha256(read_bytes(config.weights or "")).hexdigest()
+    return {"name": config.name, "weights": config.weights, "weights_sha256": digest,
+            "random_weights": False}
+
+
+def load_weights(model: nn.Module, uri: str, model_name: str) -> str:
+    """Load ``uri`` into ``model`` strictly (fp16 checkpoints are cast to the model's dtype).
+
+    Returns the sha256 of the bytes loaded.
+    """
     data = read_bytes(uri)
     state_dict = parse_state_dict(data, uri)
     check_compatible(model, state_dict, model_name, uri)
     model.load_state_dict(state_dict, strict=True)  # copy_ casts fp16 tensors to fp32 params
-    return WeightsInfo(uri=uri, sha256=hashlib.sha256(data).hexdigest(), random=False)
+    return hashlib.sha256(data).hexdigest()

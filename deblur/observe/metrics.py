@@ -18,7 +18,6 @@ rules query only these, so a rename cannot silently break a panel.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -214,8 +213,7 @@ class SnapshotWriter:
         self.series.append({k: snap[k] for k in ("time", "elapsed_s", "rows_done",
                                                  "images_per_s", "workers_active")})
         try:
-            self.ledger.storage.put(f"{self.ledger.job_root}metrics/{int(snap['time'] * 1000)}"
-                                    f".json", json.dumps(snap, indent=1).encode())
+            self.ledger.write_snapshot(snap)
         except Exception as exc:  # noqa: BLE001 - a lost snapshot must not stop the job
             log.warning("metrics snapshot not written: %s", exc)
 
@@ -260,15 +258,3 @@ def latency_percentiles(sample: dict[str, Any]) -> dict[str, dict[str, float]]:
             p50, p95, p99 = np.percentile(values, [50, 95, 99])
             out[stage] = {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
     return out
-
-
-def read_latest_snapshot(ledger: Any) -> dict[str, Any] | None:
-    """The newest metrics snapshot of a job, or None."""
-    latest = None
-    try:
-        for info in ledger.storage.list(f"{ledger.job_root}metrics", (".json",)):
-            if latest is None or info.key > latest.key:
-                latest = info
-    except Exception:  # noqa: BLE001 - no snapshots yet
-        return None
-    return json.loads(ledger.storage.get(latest.uri)) if latest else None

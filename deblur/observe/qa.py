@@ -14,7 +14,6 @@ any machine, and a rerun does not reshuffle it.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import io
 import json
@@ -28,14 +27,10 @@ from PIL import Image
 from deblur.io import codec
 from deblur.config import CodecConfig
 from deblur.errors import PipelineError
+from deblur.observe.quality import row_hash
 
 _COLUMNS = ("row_id", "key", "output_key", "status", "reason", "error", "width", "height",
             "sharpness_in", "sharpness_out", "sharpness_ratio", "psnr", "ssim")
-
-
-def priority(seed: int, row_id: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest(),
-                          "little")
 
 
 @dataclass
@@ -70,15 +65,15 @@ class QASample:
             for row in ok_sized.sort_by([("pixels", "descending")]).slice(0, k).to_pylist():
                 self._offer("largest", float(row.pop("pixels")), row)
         for row in ok.to_pylist() if ok.num_rows <= 4 * k else self._hash_top(ok):
-            self._offer("random", -float(priority(self.seed, row["row_id"])), row)
+            self._offer("random", -float(row_hash(row["row_id"], self.seed)), row)
         for row in failed.to_pylist():
-            self._offer(f"failed:{row['reason']}", -float(priority(self.seed, row["row_id"])),
+            self._offer(f"failed:{row['reason']}", -float(row_hash(row["row_id"], self.seed)),
                         row)
 
     def _hash_top(self, ok: pa.Table) -> list[dict[str, Any]]:
         ids = ok["row_id"].to_pylist()
         best = heapq.nsmallest(self.per_group, range(len(ids)),
-                               key=lambda i: priority(self.seed, ids[i]))
+                               key=lambda i: row_hash(ids[i], self.seed))
         return ok.take(best).to_pylist()
 
     def picks(self) -> list[dict[str, Any]]:
@@ -128,11 +123,10 @@ def write_pairs(ledger: Any, picks: list[dict[str, Any]], max_side: int = 320
                 row["before"] = row["after"] = None
                 row["note"] = f"thumbnail unavailable: {exc}"
         if row["before"] is not None:
-            stem = f"{ledger.job_root}qa/{row['row_id']:09d}"
-            storage.put(f"{stem}_before.jpg", row["before"], "image/jpeg")
-            storage.put(f"{stem}_after.jpg", row["after"], "image/jpeg")
+            stem = f"{row['row_id']:09d}"
+            ledger.write_qa(f"{stem}_before.jpg", row["before"], "image/jpeg")
+            ledger.write_qa(f"{stem}_after.jpg", row["after"], "image/jpeg")
         out.append(row)
     index = [{k: v for k, v in row.items() if k not in ("before", "after")} for row in out]
-    storage.put(f"{ledger.job_root}qa/index.json",
-                json.dumps(index, indent=1, default=str).encode())
+    ledger.write_qa("index.json", json.dumps(index, indent=1, default=str).encode())
     return out

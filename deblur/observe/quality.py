@@ -26,21 +26,22 @@ import hashlib
 
 import numpy as np
 
+from deblur.io.codec import MAX_VALUE
+
 _LUMA = np.array([0.299, 0.587, 0.114])
-_MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
 def to_unit(pixels: np.ndarray) -> np.ndarray:
     """uint8/uint16 (or float already in [0, 1]) -> float64 in [0, 1]."""
-    if pixels.dtype in _MAX:
-        return pixels.astype(np.float64) / _MAX[pixels.dtype]
+    if pixels.dtype in MAX_VALUE:
+        return pixels.astype(np.float64) / MAX_VALUE[pixels.dtype]
     return np.clip(pixels.astype(np.float64), 0.0, 1.0)
 
 
 def luminance(pixels: np.ndarray) -> np.ndarray:
     """Rec. 601 luma in [0, 1], float32: half the memory traffic of float64, and these
     focus measures do not need more precision (they run on every image)."""
-    scale = np.float32(1.0 / _MAX.get(pixels.dtype, 1.0))
+    scale = np.float32(1.0 / MAX_VALUE.get(pixels.dtype, 1.0))
     if pixels.ndim == 2:
         return pixels.astype(np.float32) * scale
     weights = (_LUMA * scale).astype(np.float32)
@@ -122,31 +123,16 @@ def _same_shape(x: np.ndarray, y: np.ndarray) -> None:
                          f"{y.shape[1]}x{y.shape[0]} differ in size")
 
 
+def row_hash(row_id: int, seed: int = 0) -> int:
+    """A stable 64-bit pseudo-random number per (seed, row): the same on every run and rerun."""
+    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def sampled(row_id: int, rate: float, seed: int = 0) -> bool:
     """Deterministic per-row sampling: the same rows are measured on every run and rerun."""
     if rate >= 1.0:
         return True
     if rate <= 0.0:
         return False
-    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2 ** 64 < rate
-
-
-def summarize(tables: list) -> dict[str, float]:
-    """Means over ok rows for summary.json and `deblur status` (empty figures left out)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not tables:
-        return {}
-    table = pa.concat_tables(tables)
-    ok = table.filter(pc.equal(table["status"], "ok"))
-    out: dict[str, float] = {}
-    for name in ("psnr", "ssim", "sharpness_ratio"):
-        values = pc.drop_null(ok[name])
-        if len(values):
-            finite = values.filter(pc.is_finite(values))
-            if len(finite):
-                out[f"mean_{name}"] = float(pc.mean(finite).as_py())
-                out[f"{name}_count"] = len(finite)
-    return out
+    return row_hash(row_id, seed) / 2 ** 64 < rate

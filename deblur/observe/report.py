@@ -98,10 +98,7 @@ def build(ledger: Any, samples_per_group: int = 4, seed: int | None = None,
         for name, hist in hists.items():
             hist.add(pc.drop_null(ok[name]).to_numpy(zero_copy_only=False).astype(float))
     picks = write_pairs(ledger, sample.picks(), thumb_side)
-    summary = None
-    if ledger.storage.exists(ledger.job_root + "summary.json"):
-        summary = json.loads(ledger.storage.get(ledger.job_root + "summary.json"))
-    return _page(job, status, hists, picks, summary)
+    return _page(job, status, hists, picks, ledger.read_summary())
 
 
 def _page(job: dict[str, Any], status: Any, hists: dict[str, Histogram],
@@ -185,7 +182,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow: auto; }}
 def write_report(ledger: Any, out: str | None = None, samples_per_group: int = 4) -> str:
     """Build the report, store it as ``<job_root>/report.html`` (and at ``out``)."""
     page = build(ledger, samples_per_group).encode()
-    ledger.storage.put(ledger.job_root + "report.html", page, "text/html; charset=utf-8")
+    stored = ledger.write_report(page)
     if out:
         ledger.storage.put(out, page, "text/html; charset=utf-8")
-    return ledger.job_root + "report.html"
+    return stored

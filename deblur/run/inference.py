@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deblur.config import ModelConfig
+from deblur.io.codec import MAX_VALUE
 from deblur.errors import ModelError
 from deblur.model import STRIDE
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
 def pick_device(config: ModelConfig) -> torch.device:
@@ -127,7 +127,7 @@ class Deblurrer:
         if not images:
             return []
         dtypes = {img.dtype for img in images}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in _MAX_VALUE:
+        if len(dtypes) != 1 or next(iter(dtypes)) not in MAX_VALUE:
             raise ModelError(f"a batch needs one dtype of uint8 or uint16, got {dtypes}")
         if any(img.shape[0] * img.shape[1] > self.config.tile_pixels for img in images):
             return [self.deblur_tiled(img) for img in images]
@@ -145,7 +145,7 @@ class Deblurrer:
         return [self._to_pixels(out, img) for out, img in zip(output, images)]
 
     def _to_input(self, img: np.ndarray, height: int, width: int) -> torch.Tensor:
-        scale = _MAX_VALUE[img.dtype]
+        scale = MAX_VALUE[img.dtype]
         raw = torch.from_numpy(np.ascontiguousarray(img).view(
             np.int16) if img.dtype == np.uint16 else np.ascontiguousarray(img))
         x = raw.to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
@@ -163,7 +163,7 @@ class Deblurrer:
     def _to_pixels(self, out: torch.Tensor, like: np.ndarray) -> np.ndarray:
         """Crop, quantise the authors' way ((x + 0.5/max) * max, truncated), back to HWC."""
         height, width = like.shape[:2]
-        scale = _MAX_VALUE[like.dtype]
+        scale = MAX_VALUE[like.dtype]
         q = (out[:, :height, :width] + 0.5 / scale).mul_(scale).clamp_(0, scale)
         q = q.to(torch.int32).permute(1, 2, 0).cpu().numpy()
         return q.astype(like.dtype)
@@ -181,7 +181,7 @@ class Deblurrer:
         acc = np.zeros((height, width, 3), np.float32)
         norm_y = np.zeros(height, np.float32)
         norm_x = np.zeros(width, np.float32)
-        scale = _MAX_VALUE[img.dtype]
+        scale = MAX_VALUE[img.dtype]
         for y in grid.ys:
             th = min(grid.tile, height - y)
             wy = _ramp(th, y, height, overlap)

@@ -1,9 +1,9 @@
-"""The driver: an autoscaling pool of worker actors fed shard by shard.
+"""The actor pool: an autoscaling set of worker actors fed shard by shard.
 
-It does no image work. It plans the job through the ledger (or opens an existing one), then
-keeps between ``min_workers`` and ``max_workers`` actors alive: it asks for more while shards
-wait (pending GPU actors are what the Ray autoscaler turns into GPU nodes) and retires actors
-idle for ``idle_timeout_s``. Each actor has up to ``shards_per_worker`` shards in flight. When
+It does no image work. Given the job's pending shards (the driver chose them through the
+ledger), it keeps between ``min_workers`` and ``max_workers`` actors alive (the ``scheduler``
+config section): it asks for more while shards wait (pending GPU actors are what the Ray
+autoscaler turns into GPU nodes) and retires actors idle for ``idle_timeout_s``. Each actor has up to ``shards_per_worker`` shards in flight. When
 an actor or its node dies, its shards go back to the queue with the attempt count raised; after
 ``max_attempts`` the shard's pending rows are committed as failed with the reason. Every
 decision reads and writes the ledger only, so a driver restarted on the same job root resumes.
@@ -19,10 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from deblur.config import JobConfig
-from deblur.job.ledger import RESULT_SCHEMA, Ledger, ShardSummary, quality_means
+from deblur.errors import WorkerStartError, one_line
+from deblur.job.ledger import Ledger, ShardSummary, result_row
 
 log = logging.getLogger("deblur.run.pool")
 
@@ -69,7 +68,7 @@ class Progress:
         return self.rows_done / elapsed if elapsed > 0 else 0.0
 
 
-class Scheduler:
+class ActorPool:
     """Dispatches the ledger's pending shards to worker actors until none is left.
 
     Args:
@@ -246,8 +245,8 @@ class Scheduler:
             if "creation task" in str(exc) or not _is_lost(exc):
                 # The constructor itself raised (bad weights, no GPU, …): every new actor
                 # would do the same, so fail the job now with the worker's own message.
-                raise WorkerStartError(f"a worker failed to start: {_first_line(exc)}") from exc
-            log.warning("worker %s lost before it started: %s", slot.name, _first_line(exc))
+                raise WorkerStartError(f"a worker failed to start: {one_line(exc)}") from exc
+            log.warning("worker %s lost before it started: %s", slot.name, one_line(exc))
             return
         slot.ready_ref = None
         slot.idle_since = time.monotonic()
@@ -262,14 +261,14 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - classified below
             if _is_lost(exc):
                 log.warning("worker %s lost with shard %d (attempt %d): %s",
-                            slot.worker_id or slot.name, shard, attempt, _first_line(exc))
+                            slot.worker_id or slot.name, shard, attempt, one_line(exc))
                 # The actor is gone: every shard it held goes back, not only this one.
                 orphans = [(shard, attempt)] + list(slot.in_flight.values())
                 self._retire(slot)
                 for lost_shard, lost_attempt in orphans:
                     self._retry_or_fail(lost_shard, lost_attempt, "worker_lost", exc, progress)
             else:
-                log.error("shard %d failed on attempt %d: %s", shard, attempt, _first_line(exc))
+                log.error("shard %d failed on attempt %d: %s", shard, attempt, one_line(exc))
                 self._retry_or_fail(shard, attempt, "shard_error", exc, progress)
             return
         progress.shards_done += 1
@@ -290,7 +289,7 @@ class Scheduler:
                 self.metrics.observe_retry()
             self.queue.append((shard, attempt + 1))
             return
-        rows = self._fail_shard(shard, attempt, reason, _first_line(exc))
+        rows = self._fail_shard(shard, attempt, reason, one_line(exc))
         progress.shards_done += 1
         progress.rows_done += rows
         progress.failed += rows
@@ -300,169 +299,17 @@ class Scheduler:
 
     def _fail_shard(self, shard: int, attempt: int, reason: str, detail: str) -> int:
         """Commit the shard's pending rows as failed after its last attempt."""
-        pending = self.ledger.pending_rows(shard).to_pylist()
         now = time.time()
-        rows = []
-        for row in pending:
-            failed = {name: None for name in RESULT_SCHEMA.names}
-            failed.update(row_id=row["row_id"], key=row["key"], output_key=row["output_key"],
-                          status="failed", reason=reason, attempt=attempt, worker="driver",
-                          finished_at=now,
-                          error=f"{row['key']}: shard {shard} gave up after {attempt} "
-                                f"attempts: {detail}")
-            rows.append(failed)
-        self.index[shard] = self.ledger.commit(shard, pa.Table.from_pylist(rows,
-                                                                            schema=RESULT_SCHEMA))
+        rows = [result_row(row, attempt=attempt, worker="driver", status="failed",
+                           reason=reason, finished_at=now,
+                           error=f"{row['key']}: shard {shard} gave up after {attempt} "
+                                 f"attempts: {detail}")
+                for row in self.ledger.pending_rows(shard).to_pylist()]
+        self.index[shard] = self.ledger.commit(shard, rows)
         self.index_dirty = True
         return len(rows)
-
-
-class WorkerStartError(RuntimeError):
-    """No worker could start (its constructor raised: bad weights, no GPU, …)."""
 
 
 def _is_lost(exc: BaseException) -> bool:
     """The actor or its node is gone (as opposed to an exception raised by our code)."""
     return any(cls.__name__ in _LOST for cls in type(exc).__mro__)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    # RayTaskError repeats a traceback; its last line holds the original message.
-    return lines[-1].strip() if lines else type(exc).__name__
-
-
-@dataclass
-class JobOutcome:
-    """What a finished (or stopped) driver run leaves: the job root and the ledger's totals."""
-
-    job_root: str
-    progress: Progress
-    status: Any  # ledger.JobStatus
-
-    @property
-    def complete(self) -> bool:
-        return self.status.pending == 0
-
-
-def start_ray(config: JobConfig) -> None:
-    """Connect to ``scheduler.address`` or start Ray in-process (the embedded default).
-
-    In-process on a machine without CUDA, Ray gets logical GPUs so the same actors (asking for
-    ``gpus_per_worker``) schedule as they would on a GPU node, and run on the CPU.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    sched = config.scheduler
-    if sched.address:
-        ray.init(address=sched.address, log_to_driver=True)
-        return
-    import os
-
-    import torch
-
-    num_gpus = sched.ray_num_gpus
-    if num_gpus is None and not torch.cuda.is_available():
-        num_gpus = math.ceil(sched.max_workers * config.worker.gpus_per_worker)
-    cpus = max(os.cpu_count() or 1,
-               math.ceil(sched.max_workers * config.worker.cpus_per_worker) + 1)
-    # address="local": always a fresh instance, never a cluster some `ray start` left behind.
-    ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
-
-
-def _weights_info(config: JobConfig) -> dict[str, Any]:
-    """Model name and the weights' sha256, recorded in job.json (read once by the driver)."""
-    import hashlib
-
-    from deblur.model.weights import read_bytes
-
-    model = config.model
-    if model.random_weights:
-        return {"name": model.name, "weights": None, "weights_sha256": None,
-                "random_weights": True}
-    digest = hashlib.sha256(read_bytes(model.weights or "")).hexdigest()
-    return {"name": model.name, "weights": model.weights, "weights_sha256": digest,
-            "random_weights": False}
-
-
-def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
-                 job_id: str | None = None) -> Ledger:
-    """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``.
-
-    ``job_id`` names a new job (``deblur submit`` picks it so the job root is known before the
-    cluster starts); default: UTC time + random.
-    """
-    from deblur.errors import ConfigError
-    from deblur.job.ledger import check_job_id, default_job_root, new_job_id
-
-    if config.job_root and storage.exists(config.job_root.rstrip("/") + "/job.json"):
-        if not resume:
-            raise ConfigError(
-                f"a job already exists at {config.job_root}: pass --resume to finish it, or "
-                f"`deblur rerun {config.job_root}` to retry its failed rows")
-        return Ledger.open(storage, config.job_root)
-    if resume and config.job_root is None:
-        raise ConfigError("--resume needs --job-root: the job to resume")
-    job_id = check_job_id(job_id) if job_id else new_job_id()
-    if config.job_root is None:
-        from dataclasses import replace
-
-        config = replace(config, job_root=default_job_root(config.destination, job_id))
-    return Ledger.create(storage, config, job_id=job_id, model_info=_weights_info(config))
-
-
-def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
-            on_progress: Callable[[Progress], None] | None = None,
-            actor_class: Any | None = None) -> JobOutcome:
-    """Run ``shards`` (about ``rows`` images) on Ray, then write summary.json from the ledger.
-
-    Metrics are served on ``config.metrics`` while it runs and snapshotted under the job root.
-    """
-    import json
-
-    from deblur.observe.metrics import JobMetrics, SnapshotWriter, latency_percentiles
-
-    job = ledger.job()
-    model = job.get("model") or {}
-    metrics = JobMetrics(job["job_id"], config.model.name, model.get("weights_sha256"))
-    if config.metrics.enabled:
-        port = metrics.serve(config.metrics.host, config.metrics.port)
-        if port is not None:
-            log.info("metrics: http://%s:%d/metrics", config.metrics.host, port)
-    snapshots = SnapshotWriter(ledger, metrics, config.metrics.snapshot_interval_s)
-
-    def progressed(progress: Progress) -> None:
-        snapshots.maybe_write(progress)
-        if on_progress is not None:
-            on_progress(progress)
-
-    try:
-        start_ray(config)
-        scheduler = Scheduler(config, ledger, progressed, actor_class, metrics)
-        progress = scheduler.run(shards, rows)
-        snapshots.maybe_write(progress, force=True)
-        index = ledger.index()  # the index just written, checked against one listing
-        status = ledger.status(index)
-        summary = status.to_dict()
-        final = metrics.snapshot(progress)
-        summary["run"] = {"seconds": time.monotonic() - progress.started,
-                          "images_per_s": progress.images_per_s, "retries": progress.retries,
-                          "cancelled": progress.cancelled,
-                          "mean_batch_size": final["mean_batch_size"],
-                          "mean_batch_fill": final["mean_batch_fill"],
-                          "storage_retries": final["storage_retries"],
-                          "bytes_in": final["bytes_in"], "bytes_out": final["bytes_out"],
-                          "images_per_s_over_time": snapshots.series}
-        # Both from bounded state (a latency sample, the index's sums): no result is re-read.
-        summary["latency_ms"] = latency_percentiles(metrics.latency.values)
-        summary["quality"] = quality_means(index.values())
-        summary["model"] = model
-        ledger.storage.put(ledger.job_root.rstrip("/") + "/summary.json",
-                           json.dumps(summary, indent=2, default=str).encode())
-    finally:
-        metrics.close()
-    return JobOutcome(job_root=ledger.job_root, progress=progress, status=status)

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from deblur.config import JobConfig
-from deblur.errors import ConfigError, PipelineError
+from deblur.errors import ConfigError, SubmitError
 from deblur.job.ledger import check_job_id, default_job_root, new_job_id
 
 CONFIG_NAME = "deblur-job.yaml"
@@ -37,10 +37,6 @@ CONFIG_NAME = "deblur-job.yaml"
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
               "RAY_AUTH_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-class SubmitError(PipelineError):
-    """The cluster could not be reached, refused the token, or refused the job."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import sys
 import threading
@@ -33,7 +32,7 @@ import pyarrow as pa
 
 from deblur.io import codec
 from deblur.observe import quality
-from deblur.run.batcher import Batch, DynamicBatcher
+from deblur.run.engine import Engine
 from deblur.config import JobConfig
 from deblur.errors import ImageError, NotFoundError, PipelineError, StorageError
 from deblur.job.ledger import RESULT_SCHEMA, Ledger
@@ -53,111 +52,15 @@ class Item:
     bytes_in: int = 0
     reference: str | None = None  # sharp ground truth URI (evaluation jobs)
 
+    @property
+    def pixels(self) -> np.ndarray:
+        """The decoded pixels the engine batches (set before the item reaches it)."""
+        assert self.image is not None
+        return self.image.pixels
+
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
-
-
-def _fill(batch: Batch[Item]) -> float:
-    """Useful pixels / padded pixels: how much of the forward pass was real image."""
-    if batch.tiled:
-        return 1.0
-    useful = sum(i.image.pixels.shape[0] * i.image.pixels.shape[1]  # type: ignore[union-attr]
-                 for i in batch.items)
-    return useful / max(1, batch.padded_pixels)
-
-
-class Engine:
-    """The thread that owns the model: batches decoded items and runs them.
-
-    Args:
-        infer: same-dtype pixels (and the bucket shape) -> deblurred pixels.
-        config: job configuration (batching and tiling).
-        on_output: called with (item, output pixels) for each finished image.
-        on_error: called with (item, exception) when inference failed for it.
-    """
-
-    def __init__(self, infer: Callable[[list[np.ndarray], tuple[int, int] | None],
-                                       list[np.ndarray]],
-                 config: JobConfig,
-                 on_output: Callable[[Item, np.ndarray], None],
-                 on_error: Callable[[Item, Exception], None]) -> None:
-        self.infer = infer
-        self.inbox: queue.Queue[Item] = queue.Queue(maxsize=config.worker.prefetch)
-        self.batcher: DynamicBatcher[Item] = DynamicBatcher(config.batch,
-                                                            config.model.tile_pixels)
-        self.on_output, self.on_error = on_output, on_error
-        self.decoding = 0  # items submitted for decode but not yet in the inbox
-        self.lock = threading.Lock()
-        self.batches = 0
-        self.busy_s = 0.0
-        self.batch_log: list[tuple[int, float]] = []  # (size, fill) since the last drain
-        self.queue_peak = 0
-        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self.thread.start()
-
-    def drain_stats(self) -> tuple[list[tuple[int, float]], float, int]:
-        """(batches since the last call, busy seconds so far, queue peak since last call)."""
-        with self.lock:
-            log_, self.batch_log = self.batch_log, []
-            peak, self.queue_peak = self.queue_peak, 0
-            return log_, self.busy_s, peak
-
-    def expect(self, count: int) -> None:
-        """``count`` more items are being decoded: worth waiting for before a partial batch."""
-        with self.lock:
-            self.decoding += count
-
-    def arrived(self) -> None:
-        with self.lock:
-            self.decoding -= 1
-
-    def _loop(self) -> None:
-        while True:
-            deadline = self.batcher.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self.inbox.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            ready: list[Batch[Item]] = []
-            self.queue_peak = max(self.queue_peak, self.inbox.qsize() + (item is not None))
-            if item is not None:
-                assert item.image is not None
-                pixels = item.image.pixels
-                ready += self.batcher.add(item, pixels.shape[0], pixels.shape[1],
-                                          str(pixels.dtype))
-            ready += self.batcher.poll()
-            with self.lock:
-                starving = self.decoding == 0 and self.inbox.empty()
-            if starving:  # nothing more is coming soon: do not sit on a partial batch
-                ready += self.batcher.flush()
-            for batch in ready:
-                self._run(batch)
-
-    def _run(self, batch: Batch[Item]) -> None:
-        start = time.perf_counter()
-        images = [item.image.pixels for item in batch.items]  # type: ignore[union-attr]
-        try:
-            outputs = self.infer(images, None if batch.tiled else batch.shape)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: retry images alone
-            if len(batch.items) == 1:
-                self.on_error(batch.items[0], exc)
-                return
-            log.warning("batch of %d failed (%s); retrying one by one", len(batch.items), exc)
-            for item in batch.items:
-                self._run(Batch(items=[item], shape=batch.shape, dtype=batch.dtype,
-                                tiled=batch.tiled, created=batch.created,
-                                closed_reason="retry"))
-            return
-        elapsed = _ms(start)
-        with self.lock:
-            self.batches += 1
-            self.busy_s += elapsed / 1000.0
-            self.batch_log.append((len(batch.items), _fill(batch)))
-        for item, output in zip(batch.items, outputs):
-            item.timings["infer_ms"] = elapsed / len(batch.items)
-            self.on_output(item, output)
 
 
 class ShardProcessor:
@@ -182,14 +85,14 @@ class ShardProcessor:
         self.encode_pool = ThreadPoolExecutor(threads, thread_name_prefix="upload")
         # Bounds decoded-but-not-uploaded images so a slow store cannot fill memory.
         self.encode_slots = threading.BoundedSemaphore(config.worker.prefetch + threads)
-        self.engine = Engine(infer, config, self._on_output, self._on_infer_error)
+        self.engine: Engine[Item] = Engine(infer, config, self._on_output, self._on_infer_error)
 
     # -- per shard -------------------------------------------------------------------------
 
     def process(self, job_root: str, shard_id: int, attempt: int) -> dict[str, Any]:
         """Process the shard's pending rows and commit its result; returns a small report."""
         start = time.perf_counter()
-        busy_before = self.engine.busy_s
+        busy_before = self.engine.busy_seconds
         retries_before = self.storage.retries
         ledger = Ledger(self.storage, job_root)
         pending, previous = ledger.pending(shard_id)
@@ -248,13 +151,13 @@ class ShardProcessor:
             item.image = codec.decode(data, key, self.config.codec)
             item.timings["decode_ms"] = _ms(start)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's reason
-            self.engine.arrived()
+            self.engine.withdraw()
             self._fail(item, exc)
             return
-        self.engine.inbox.put(item)  # blocks when the engine is behind: backpressure
-        self.engine.arrived()
+        self.engine.submit(item)  # blocks when the engine is behind: backpressure
 
-    def _on_output(self, item: Item, output: np.ndarray) -> None:
+    def _on_output(self, item: Item, output: np.ndarray, infer_ms: float) -> None:
+        item.timings["infer_ms"] = infer_ms
         self.encode_slots.acquire()
         future = self.encode_pool.submit(self._encode_upload, item, output)
         future.add_done_callback(lambda _: self.encode_slots.release())
@@ -351,8 +254,7 @@ def build_processor(config: JobConfig, worker_id: str) -> ShardProcessor:
     from deblur.run.inference import Deblurrer
     from deblur.model import load_model
 
-    model, _ = load_model(config.model)
-    deblurrer = Deblurrer(model, config.model)
+    deblurrer = Deblurrer(load_model(config.model), config.model)
     if deblurrer.device.type == "cpu":
         # Ray sets OMP_NUM_THREADS=1 in actors; on a CPU the model should use the cores the
         # actor reserved (worker.cpus_per_worker), no more and no fewer.

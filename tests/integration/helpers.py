@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -10,21 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from deblur.job.ledger import Ledger
 from deblur.io.storage import Storage
+from tests.conftest import jpeg
+
+__all__ = ["DEBLUR", "all_results", "assert_each_row_once", "jpeg", "kill_group", "run_cli",
+           "start_driver", "wait_for_results", "write_inputs"]
 
 DEBLUR = [sys.executable, "-m", "deblur.cli"]
-
-
-def jpeg(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def write_inputs(storage: Storage, prefix: str, count: int, size: tuple[int, int] = (48, 40)

@@ -9,7 +9,7 @@ import pytest
 
 from deblur import config as config_mod
 from deblur.job.ledger import Ledger
-from deblur.run.pool import execute, open_or_plan
+from deblur.run.driver import execute, open_or_plan
 from deblur.io.storage import Storage
 
 from .helpers import assert_each_row_once, wait_for_results, write_inputs

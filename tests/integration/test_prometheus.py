@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from deblur import config as config_mod
-from deblur.run.pool import execute, open_or_plan
+from deblur.run.driver import execute, open_or_plan
 from deblur.io.storage import Storage
 from tests.test_metrics import ALERTS, alert_exprs, dashboard_exprs
 

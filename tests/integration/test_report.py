@@ -12,25 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from deblur import config as config_mod
 from deblur.cli import app
 from deblur.job.ledger import Ledger
 from deblur.observe.qa import QASample
 from deblur.dev.samples import reference_folder, write_samples
 from deblur.io.storage import Storage
 from deblur.run.worker import ShardProcessor
+from tests.conftest import job_config, unsharp
 
 pytestmark = [pytest.mark.integration]
-
-
-def unsharp(images: list[np.ndarray], shape: tuple[int, int] | None) -> list[np.ndarray]:
-    """A stand-in 'deblurrer' that really sharpens: output sharper than input."""
-    out = []
-    for img in images:
-        f = img.astype(np.float32)
-        blur = (np.roll(f, 1, 0) + np.roll(f, -1, 0) + np.roll(f, 1, 1) + np.roll(f, -1, 1)) / 4
-        out.append(np.clip(f + 1.5 * (f - blur), 0, 255).astype(img.dtype))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +33,8 @@ def evaluated_job(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
     (blurry / "bad.jpg").write_bytes(b"<html>not an image</html>")
     references = [str(refs / (Path(k).stem + ".png")) for k in keys[:6]] + [None] * 3
     pq.write_table(pa.table({"key": keys, "reference": references}), blurry / "eval.parquet")
-    job = config_mod.load(None, {"source": str(blurry / "eval.parquet"),
-                                 "destination": str(root / "out"), "job_root": str(root / "job"),
-                                 "shard_size": 4, "model.random_weights": True})
+    job = job_config(str(blurry / "eval.parquet"), str(root / "out"), str(root / "job"),
+                     shard_size=4)
     ledger = Ledger.create(Storage(), job, job_id="eval", model_info={"name": "mimo-unet"})
     processor = ShardProcessor(job, unsharp, "w0", Storage())
     for shard in ledger.shard_ids():

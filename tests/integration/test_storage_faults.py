@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from deblur import config as config_mod
 from deblur.config import StorageConfig
 from deblur.errors import ThrottledError
 from deblur.job.ledger import Ledger
 from deblur.io.storage import Storage, join
 from deblur.run.worker import ShardProcessor
+from tests.conftest import identity, job_config, jpeg
 from tests.faultproxy import FaultProxy
 
+pytestmark = pytest.mark.integration
+
 SECRET = "testing-secret-never-shown"
-
-
-def _jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def test_retries_absorb_throttles_and_resets_and_are_logged(
@@ -55,16 +47,14 @@ def test_throttled_after_every_retry_is_a_typed_error(
 def test_job_through_faults_accounts_every_row_once(
         fault_proxy: FaultProxy, s3_bucket: str, storage: Storage) -> None:
     for i in range(30):
-        storage.put(f"{s3_bucket}/in/{i:02d}.jpg", _jpeg(i))
+        storage.put(f"{s3_bucket}/in/{i:02d}.jpg", jpeg(32, 24, i))
     storage.put(f"{s3_bucket}/in/broken.jpg", b"not a jpeg")
-    job = config_mod.load(None, {
-        "source": f"{s3_bucket}/in", "destination": f"{s3_bucket}/out",
-        "job_root": f"{s3_bucket}/jobs/j1", "shard_size": 8, "model.random_weights": True,
-        "storage.endpoint_url": fault_proxy.url, "storage.retry_mode": "standard",
-        "worker.io_threads": 4})
+    job = job_config(f"{s3_bucket}/in", f"{s3_bucket}/out", f"{s3_bucket}/jobs/j1", shard_size=8,
+                     **{"storage.endpoint_url": fault_proxy.url,
+                        "storage.retry_mode": "standard", "worker.io_threads": 4})
     flaky = Storage(job.storage)
     ledger = Ledger.create(flaky, job, job_id="j1", model_info={})
-    processor = ShardProcessor(job, lambda imgs, shape: [i.copy() for i in imgs], "w0", flaky)
+    processor = ShardProcessor(job, identity, "w0", flaky)
     for shard in ledger.shard_ids():
         processor.process(ledger.job_root, shard, 1)
     rows = [r for s in ledger.shard_ids() for r in ledger.read_result(s).to_pylist()]

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shlex
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,17 +23,14 @@ from deblur.config import load
 from deblur.errors import ConfigError
 from deblur.job.ledger import Ledger
 from deblur.io.storage import Storage
-from tests.integration.helpers import all_results, jpeg
+from tests.conftest import free_port, jpeg
+from tests.integration.helpers import all_results
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 DEBLUR = str(BIN / "deblur")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +41,8 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    dashboard = _free_port()
-    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+    dashboard = free_port()
+    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
              "--include-dashboard=true", "--num-cpus=2", "--num-gpus=1",
              "--disable-usage-stats"]
@@ -149,7 +145,7 @@ def test_submit_without_the_right_token_is_refused(head: dict[str, str], tmp_pat
 def test_submit_fails_fast_on_an_unreachable_head_or_bad_address(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_AUTH_TOKEN": "t0ken-never-printed"}
     done = subprocess.run([DEBLUR, "submit", str(tmp_path), str(tmp_path / "o"),
-                           "--random-weights", "--address", f"http://127.0.0.1:{_free_port()}"],
+                           "--random-weights", "--address", f"http://127.0.0.1:{free_port()}"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 4 and "cannot reach the Ray dashboard" in done.stderr
     assert "t0ken-never-printed" not in done.stdout + done.stderr

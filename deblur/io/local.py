@@ -1,0 +1,154 @@
+"""The local-filesystem backend behind ``deblur.io.storage.Storage``: plain paths and ``file://``.
+
+Writes go to a temporary file in the same folder and are renamed into place, so a reader
+never sees a partial file; put-if-absent links that temporary file (``os.link`` fails when the
+name exists), which is both atomic and exclusive. Listings walk folders recursively in sorted
+order and skip those temporary files. A file's version tag (``etag``) is its nanosecond mtime
+and size, since a local file has no ETag.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+from deblur.errors import AccessDeniedError, AlreadyExistsError, NotFoundError, StorageError
+from deblur.io.storage import Count, ObjectInfo, has_suffix, to_local_path
+
+TMP_MARK = ".deblur-tmp-"
+"""Temporary local files carry this in their name; listings skip them."""
+
+LIST_PAGE = 1000
+"""Listed names per counted LIST request: S3's page size, so local runs price like S3 ones."""
+
+
+class LocalBackend:
+    """The ``Backend`` for local paths and ``file://`` URIs.
+
+    Args:
+        count: reports each further ``LIST_PAGE`` names a listing yields as one more LIST.
+    """
+
+    def __init__(self, count: Count) -> None:
+        self._count = count
+
+    def get(self, uri: str) -> bytes:
+        return _read(uri)
+
+    def get_range(self, uri: str, length: int, start: int) -> bytes:
+        return _read(uri, start, length)
+
+    def put(self, uri: str, data: bytes, content_type: str | None) -> str | None:
+        del content_type  # a local file has no place to keep one
+        path = to_local_path(uri)
+        tmp = _write_temp(uri, path, data)
+        try:
+            os.replace(tmp, path)
+            return _tag(os.stat(path))
+        except OSError as exc:
+            _unlink(tmp)
+            raise StorageError(f"cannot write {uri}: {exc.strerror}", uri) from None
+
+    def put_if_absent(self, uri: str, data: bytes) -> None:
+        path = to_local_path(uri)
+        tmp = _write_temp(uri, path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise AlreadyExistsError(f"{uri} already exists", uri) from None
+        except OSError as exc:
+            raise StorageError(f"cannot create {uri}: {exc.strerror}", uri) from None
+        finally:
+            _unlink(tmp)
+
+    def list(self, prefix: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
+        root = to_local_path(prefix)
+        if not os.path.isdir(root):
+            raise NotFoundError(f"{prefix} is not a folder", prefix)
+        for count, info in enumerate(_walk(root, root, suffixes), 1):
+            if count > 1 and count % LIST_PAGE == 1:
+                self._count("LIST", 1)  # the facade counted the first page
+            yield info
+
+    def head(self, uri: str) -> ObjectInfo:
+        path = to_local_path(uri)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise NotFoundError(f"{uri} does not exist", uri) from None
+        except OSError as exc:
+            raise StorageError(f"cannot stat {uri}: {exc.strerror}", uri) from None
+        if not os.path.isfile(path):
+            raise NotFoundError(f"{uri} is not a file", uri)
+        return ObjectInfo(uri=uri, key=os.path.basename(path), size=st.st_size,
+                          mtime=st.st_mtime, etag=_tag(st))
+
+    def delete(self, uri: str) -> None:
+        try:
+            os.unlink(to_local_path(uri))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete {uri}: {exc.strerror}", uri) from None
+
+
+def _read(uri: str, start: int = 0, length: int = -1) -> bytes:
+    """``length`` bytes from ``start`` (-1: to the end), for both get and get_range."""
+    try:
+        with open(to_local_path(uri), "rb") as handle:
+            handle.seek(start)
+            return handle.read(length)
+    except FileNotFoundError:
+        raise NotFoundError(f"{uri} does not exist", uri) from None
+    except IsADirectoryError:
+        raise NotFoundError(f"{uri} is a folder, not a file", uri) from None
+    except PermissionError:
+        raise AccessDeniedError(f"no permission to read {uri}", uri) from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {exc.strerror}", uri) from None
+
+
+def _write_temp(uri: str, path: str, data: bytes) -> str:
+    """Write ``data`` to a new temporary file beside ``path`` (same filesystem, so it can be
+    renamed or linked into place) and return the temporary file's path."""
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, f"{TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    except PermissionError:
+        _unlink(tmp)
+        raise AccessDeniedError(f"no permission to write {uri}", uri) from None
+    except OSError as exc:
+        _unlink(tmp)
+        raise StorageError(f"cannot write {uri}: {exc.strerror}", uri) from None
+    return tmp
+
+
+def _walk(root: str, folder: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise StorageError(f"cannot list {folder}: {exc.strerror}", folder) from None
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(root, entry.path, suffixes)
+        elif entry.is_file() and TMP_MARK not in entry.name and has_suffix(entry.name,
+                                                                             suffixes):
+            st = entry.stat()
+            yield ObjectInfo(uri=entry.path, key=os.path.relpath(entry.path, root),
+                             size=st.st_size, mtime=st.st_mtime, etag=_tag(st))
+
+
+def _tag(st: os.stat_result) -> str:
+    """A local file's version: a rewrite changes its nanosecond mtime (or its size)."""
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,139 @@
+"""The driver: plan or open a job, start Ray, run its shards on the actor pool, summarise.
+
+It does no image work: planning streams the manifest into the ledger, the pool hands shards to
+worker actors, and the summary is computed from the ledger's index and bounded metric state,
+so a driver restarted on the same job root resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deblur.config import JobConfig
+from deblur.job.ledger import Ledger, quality_means
+from deblur.run.pool import ActorPool, Progress
+
+log = logging.getLogger("deblur.run.driver")
+
+
+@dataclass
+class JobOutcome:
+    """What a finished (or stopped) driver run leaves: the job root and the ledger's totals."""
+
+    job_root: str
+    progress: Progress
+    status: Any  # ledger.JobStatus
+
+    @property
+    def complete(self) -> bool:
+        return self.status.pending == 0
+
+
+def start_ray(config: JobConfig) -> None:
+    """Connect to ``scheduler.address`` or start Ray in-process (the embedded default).
+
+    In-process on a machine without CUDA, Ray gets logical GPUs so the same actors (asking for
+    ``gpus_per_worker``) schedule as they would on a GPU node, and run on the CPU.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    sched = config.scheduler
+    if sched.address:
+        ray.init(address=sched.address, log_to_driver=True)
+        return
+    import os
+
+    import torch
+
+    num_gpus = sched.ray_num_gpus
+    if num_gpus is None and not torch.cuda.is_available():
+        num_gpus = math.ceil(sched.max_workers * config.worker.gpus_per_worker)
+    cpus = max(os.cpu_count() or 1,
+               math.ceil(sched.max_workers * config.worker.cpus_per_worker) + 1)
+    # address="local": always a fresh instance, never a cluster some `ray start` left behind.
+    ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
+             log_to_driver=True, configure_logging=False)
+
+
+def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
+                 job_id: str | None = None) -> Ledger:
+    """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``.
+
+    ``job_id`` names a new job (``deblur submit`` picks it so the job root is known before the
+    cluster starts); default: UTC time + random.
+    """
+    from deblur.errors import ConfigError
+    from deblur.model.weights import provenance
+    from deblur.job.ledger import check_job_id, default_job_root, new_job_id
+
+    if config.job_root and storage.exists(config.job_root.rstrip("/") + "/job.json"):
+        if not resume:
+            raise ConfigError(
+                f"a job already exists at {config.job_root}: pass --resume to finish it, or "
+                f"`deblur rerun {config.job_root}` to retry its failed rows")
+        return Ledger.open(storage, config.job_root)
+    if resume and config.job_root is None:
+        raise ConfigError("--resume needs --job-root: the job to resume")
+    job_id = check_job_id(job_id) if job_id else new_job_id()
+    if config.job_root is None:
+        from dataclasses import replace
+
+        config = replace(config, job_root=default_job_root(config.destination, job_id))
+    return Ledger.create(storage, config, job_id=job_id, model_info=provenance(config.model))
+
+
+def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
+            on_progress: Callable[[Progress], None] | None = None,
+            actor_class: Any | None = None) -> JobOutcome:
+    """Run ``shards`` (about ``rows`` images) on Ray, then write summary.json from the ledger.
+
+    Metrics are served on ``config.metrics`` while it runs and snapshotted under the job root.
+    """
+    from deblur.observe.metrics import JobMetrics, SnapshotWriter, latency_percentiles
+
+    job = ledger.job()
+    model = job.get("model") or {}
+    metrics = JobMetrics(job["job_id"], config.model.name, model.get("weights_sha256"))
+    if config.metrics.enabled:
+        port = metrics.serve(config.metrics.host, config.metrics.port)
+        if port is not None:
+            log.info("metrics: http://%s:%d/metrics", config.metrics.host, port)
+    snapshots = SnapshotWriter(ledger, metrics, config.metrics.snapshot_interval_s)
+
+    def progressed(progress: Progress) -> None:
+        snapshots.maybe_write(progress)
+        if on_progress is not None:
+            on_progress(progress)
+
+    try:
+        start_ray(config)
+        pool = ActorPool(config, ledger, progressed, actor_class, metrics)
+        progress = pool.run(shards, rows)
+        snapshots.maybe_write(progress, force=True)
+        index = ledger.index()  # the index just written, checked against one listing
+        status = ledger.status(index)
+        summary = status.to_dict()
+        final = metrics.snapshot(progress)
+        summary["run"] = {"seconds": time.monotonic() - progress.started,
+                          "images_per_s": progress.images_per_s, "retries": progress.retries,
+                          "cancelled": progress.cancelled,
+                          "mean_batch_size": final["mean_batch_size"],
+                          "mean_batch_fill": final["mean_batch_fill"],
+                          "storage_retries": final["storage_retries"],
+                          "bytes_in": final["bytes_in"], "bytes_out": final["bytes_out"],
+                          "images_per_s_over_time": snapshots.series}
+        # Both from bounded state (a latency sample, the index's sums): no result is re-read.
+        summary["latency_ms"] = latency_percentiles(metrics.latency.values)
+        summary["quality"] = quality_means(index.values())
+        summary["model"] = model
+        ledger.write_summary(summary)
+    finally:
+        metrics.close()
+    return JobOutcome(job_root=ledger.job_root, progress=progress, status=status)

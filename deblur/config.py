@@ -8,6 +8,7 @@ they come from the standard AWS chain (environment, profile, IRSA).
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -16,8 +17,19 @@ from typing import Any
 
 from deblur.errors import ConfigError
 
+
+def parse_shape(text: str, where: str) -> tuple[int, int]:
+    """``"720x1280"`` -> (720, 1280); the error names the setting and the expected form."""
+    height, sep, width = text.lower().partition("x")
+    if not (sep and height.isdigit() and width.isdigit() and int(height) and int(width)):
+        raise ConfigError(f"{where}: {text!r} is not a size: write HEIGHTxWIDTH, e.g. 720x1280")
+    return int(height), int(width)
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OUTPUT_FORMATS = ("same", "jpeg", "png", "webp")
+CODEC_BACKENDS = ("auto", "pillow", "nvjpeg")
 RETRY_MODES = ("standard", "adaptive", "legacy")
 
 
@@ -32,7 +44,19 @@ class ModelConfig:
     random_weights: bool = False
     """Run with untrained weights (smoke tests only: the output is not deblurred)."""
     precision: str = "auto"
-    """auto (fp32 on CPU, bf16 on CUDA), fp32, fp16 or bf16."""
+    """auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. 16-bit sources always run in
+    fp32, and a batch with a non-finite output is rerun in fp32 (docs/benchmarks.md)."""
+    compile: str = "auto"
+    """torch.compile the network: auto (on CUDA only), on, off. One graph per (bucket shape,
+    batch size); a compile failure falls back to eager with one logged reason."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune."""
+    compile_cache_dir: str | None = None
+    """Inductor's on-disk cache, so a new actor does not recompile from scratch. Default:
+    TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/deblur/inductor."""
+    warm_shapes: tuple[str, ...] = ()
+    """Image sizes (HxW, e.g. 720x1280) compiled when the worker starts, for every batch
+    size the engine uses, so the first shard does not wait for compilation."""
     channels_last: bool = True
     """NHWC memory format on CUDA (ignored on CPU, where it does not help these convs)."""
     tile_pixels: int = 4_000_000
@@ -60,6 +84,13 @@ class ModelConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"model.device={self.device!r}: choose auto, cpu or cuda")
+        if self.compile not in COMPILE_CHOICES:
+            raise ConfigError(f"model.compile={self.compile!r}: choose one of {COMPILE_CHOICES}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"model.compile_mode={self.compile_mode!r}: choose one of {COMPILE_MODES}")
+        for shape in self.warm_shapes:
+            parse_shape(shape, "model.warm_shapes")
 
 
 @dataclass(frozen=True)
@@ -72,6 +103,14 @@ class CodecConfig:
     """JPEG/WebP quality, 1..100."""
     max_pixels: int = 150_000_000
     """Images declaring more pixels are refused before decoding (decompression bombs)."""
+    processes: int | None = None
+    """Pillow decode/encode in this many worker processes (off the actor's GIL); 0 runs them
+    in the actor's threads. None = auto: with the model on CUDA and worker.cpus_per_worker >= 3,
+    cpus_per_worker - 1 processes (one core stays for the actor's engine and I/O threads);
+    otherwise 0 (a CPU model needs those cores itself, and one process gains nothing)."""
+    backend: str = "auto"
+    """auto (nvJPEG on the GPU for JPEG when CUDA and torchvision are there, Pillow otherwise),
+    pillow, or nvjpeg (refuse to start without it)."""
 
     def validate(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:
@@ -82,6 +121,11 @@ class CodecConfig:
             raise ConfigError(f"codec.quality={self.quality}: must be within 1..100")
         if self.max_pixels < 1:
             raise ConfigError(f"codec.max_pixels={self.max_pixels}: must be positive")
+        if self.processes is not None and not 0 <= self.processes <= 256:
+            raise ConfigError(f"codec.processes={self.processes}: must be within 0..256, or "
+                              f"null for auto")
+        if self.backend not in CODEC_BACKENDS:
+            raise ConfigError(f"codec.backend={self.backend!r}: choose one of {CODEC_BACKENDS}")
 
 
 @dataclass(frozen=True)
@@ -120,8 +164,11 @@ class BatchConfig:
     """Most padded pixels in one batch (bounds activation memory)."""
     max_wait_ms: float = 50.0
     """A partial batch is sent after waiting this long for more same-shape images."""
-    bucket_multiple: int = 16
-    """Padded shapes are rounded up to this multiple so more images share a batch."""
+    bucket_multiple: int = 4
+    """Images are batched with others of the same size rounded up to this multiple. 4 (the
+    network's own multiple) keeps every output independent of its batch; a coarser bucket
+    puts more images in a batch but the network then sees the padding, which changes pixels
+    near and far from the border (docs/benchmarks.md has the measured effect)."""
 
     def validate(self) -> None:
         if self.max_batch < 1:
@@ -257,12 +304,18 @@ class JobConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML types only (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a YAML scalar against a field's annotation (ints may stand for floats)."""
     hint = typing.get_origin(annotation)
+    if hint is tuple:  # a YAML/JSON list of items of one type, e.g. tuple[str, ...]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        item = typing.get_args(annotation)[0]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     allowed = typing.get_args(annotation) if hint in (typing.Union, types.UnionType) else (
         annotation,)
     if value is None and type(None) in allowed:

@@ -4,6 +4,8 @@
 #   scripts/setup.sh test     with the test extras
 # torch: a user's GPU machine brings its own CUDA build; when no torch is importable we install
 # the CPU build torch==2.13.0 first, so pip never pulls a multi-GB CUDA wheel by accident.
+# torchvision (the optional `gpu` extra, for nvJPEG) is never installed here: it must match the
+# machine's torch and is only useful with CUDA (docs/deploy.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -33,7 +33,8 @@ def _fed_metrics() -> JobMetrics:
     metrics.observe_shard({"worker": "w1", "ok": 3, "failed": 1, "metrics": {
         "stages": {"fetch": [1.0, 2.0], "infer": [30.0]}, "batches": [(2, 0.9), (1, 1.0)],
         "busy_s": 0.5, "wall_s": 1.0, "queue_peak": 4, "reasons": {"corrupt": 1},
-        "bytes_in": 100, "bytes_out": 80, "storage_retries": 2, "gpu_memory_bytes": 0}})
+        "bytes_in": 100, "bytes_out": 80, "storage_retries": 2, "gpu_memory_bytes": 0,
+        "fp32_reruns": 3}})
     return metrics
 
 
@@ -97,3 +98,8 @@ def test_latency_sample_memory_is_bounded_and_stays_uniform() -> None:
     assert len(sample.values["decode"]) == 2000 and sample.seen["decode"] == 200_000
     p50 = latency_percentiles(sample.values)["decode"]["p50_ms"]
     assert 450 < p50 < 550  # a uniform 0..999 stream keeps its median
+
+
+def test_fp32_reruns_are_counted_per_job() -> None:
+    text = generate_latest(_fed_metrics().registry).decode()
+    assert 'deblur_fp32_reruns_total{job_id="job-1"} 3.0' in text

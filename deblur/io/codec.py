@@ -14,20 +14,43 @@ way a viewer shows it, and the output is written upright with orientation reset 
 The ICC profile and EXIF block are carried to the output where the format can hold them.
 Every failure is an ``ImageError`` whose reason is one of: empty, corrupt, truncated,
 unsupported_format, too_large, unsupported_mode, encode_failed.
+
+The functions below (``decode``, ``encode``) are the reference behaviour. The worker calls them
+through a ``Codec`` backend that ``make_codec`` picks once per actor:
+
+- ``PillowCodec``: those functions in the caller's thread (Pillow's JPEG encoder holds the GIL,
+  so threads do not scale it);
+- ``PillowProcessCodec``: the same functions in a pool of worker processes (forkserver or
+  spawn, never fork: Ray actors are threaded); pixels travel back as numpy arrays, an
+  ``ImageError`` keeps its reason and message, and a process that dies (a decoder crash, the
+  OOM killer) costs the image it was working on, never the actor;
+- ``deblur.io.nvjpeg.NvJpegCodec``: JPEG on the GPU, one of the above for everything else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
+import multiprocessing
+import os
 import posixpath
+import select
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable, Protocol
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from deblur.config import CodecConfig
-from deblur.errors import ImageError
+from deblur.errors import ConfigError, ImageError, one_line
+
+log = logging.getLogger("deblur.io.codec")
 
 # Formats we decode. GIF (animation) and formats PIL only half supports are refused clearly.
 FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp"}
@@ -121,6 +144,35 @@ def decode(data: bytes, name: str, config: CodecConfig) -> DecodedImage:
     return DecodedImage(pixels=pixels, source_format=source_format, mode=mode,
                         width=img.width, height=img.height, alpha=alpha, grey=grey,
                         icc_profile=icc, exif=exif)
+
+
+_TRANSPOSE_OF_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF orientation -> the transpose that shows the image upright (``ImageOps.exif_transpose``)."""
+
+
+def upright_metadata(img: Image.Image) -> tuple[Image.Transpose | None, bytes | None]:
+    """What ``decode`` does to the orientation and EXIF of ``img``, without its pixels.
+
+    ``img`` is a header-only image (``open_header``). Returns the transpose ``decode`` applies
+    (None when the image is upright already) and the EXIF block ``decode`` records. Another
+    decoder (nvJPEG) uses it to produce the same ``DecodedImage`` fields: the EXIF is computed
+    by Pillow's own ``exif_transpose`` on a 1x1 stand-in that carries ``img``'s metadata, so it
+    follows Pillow exactly (XMP orientation, the tag removed, the block re-serialised).
+    """
+    stand_in = Image.new("L", (1, 1))
+    stand_in.info = {k: v.copy() if isinstance(v, list) else v for k, v in img.info.items()}
+    orientation = stand_in.getexif().get(ExifTags.Base.Orientation, 1)
+    upright = ImageOps.exif_transpose(stand_in) or stand_in
+    exif = upright.info.get("exif") or (upright.getexif().tobytes() if upright.getexif() else None)
+    return _TRANSPOSE_OF_ORIENTATION.get(orientation), exif
 
 
 def _to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
@@ -217,3 +269,291 @@ def _upright_exif(exif: bytes) -> bytes:
         return b""
     parsed[0x0112] = 1
     return parsed.tobytes()
+
+
+# -- backends ------------------------------------------------------------------------------
+
+class Codec(Protocol):
+    """Bytes <-> pixels for the worker; every backend behaves like ``decode`` and ``encode``."""
+
+    name: str
+    """What runs, for the log line and reports (e.g. ``pillow in 7 processes``)."""
+
+    def decode(self, data: bytes, name: str) -> DecodedImage:
+        """``decode(data, name, config)``: H x W x 3 numpy pixels on the host."""
+        ...
+
+    def encode(self, image: DecodedImage, pixels: np.ndarray) -> bytes:
+        """``encode(image, pixels, config)``."""
+        ...
+
+    def close(self) -> None:
+        """Release processes or device state; the codec is not used afterwards."""
+        ...
+
+
+class PillowCodec:
+    """``decode`` and ``encode`` in the caller's thread (the behaviour before backends)."""
+
+    def __init__(self, config: CodecConfig) -> None:
+        self.config = config
+        self.name = "pillow in-process"
+
+    def decode(self, data: bytes, name: str) -> DecodedImage:
+        return decode(data, name, self.config)
+
+    def encode(self, image: DecodedImage, pixels: np.ndarray) -> bytes:
+        return encode(image, pixels, self.config)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An ``ImageError`` on its way back from a pool process (ImageError takes two arguments,
+    so it does not survive pickling as itself)."""
+
+    reason: str
+    message: str
+
+
+def _decode_job(data: bytes, name: str, config: CodecConfig) -> DecodedImage | _Failed:
+    try:
+        return decode(data, name, config)
+    except ImageError as exc:
+        return _Failed(exc.reason, str(exc.args[0]))
+
+
+def _encode_job(image: DecodedImage, pixels: np.ndarray, config: CodecConfig) -> bytes | _Failed:
+    try:
+        return encode(image, pixels, config)
+    except ImageError as exc:
+        return _Failed(exc.reason, str(exc.args[0]))
+
+
+def _pool_process_start(owner: int) -> None:
+    """Runs first in every pool process; ``owner`` is the actor's pid. Ctrl-C is the owner's to
+    handle. An owner that dies without cleaning up (Ray SIGKILLs actors) would leave its pool
+    processes waiting on their queue forever (and, with forkserver, the fork server too, which
+    stays while any of its children hold its pipe), so each one leaves when its owner does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(owner,), name="owner-watch", daemon=True).start()
+
+
+def _exit_with(owner: int) -> None:
+    try:
+        handle = os.pidfd_open(owner)  # Linux 5.3+: readable once the owner has exited
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):
+        handle = None
+    if handle is not None:
+        select.select([handle], [], [])
+        os._exit(0)
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the owner there
+        return
+    while True:  # elsewhere: poll
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
+        time.sleep(0.5)
+
+
+def _pool_context() -> Any:
+    """forkserver where there is one (a small server forks clean, single-threaded children
+    cheaply), else spawn. Never fork: the actor has threads (fetch, engine, upload, Ray's)."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+_NO_PIXELS = np.empty((0, 0, 3), np.uint8)
+_START_TIMEOUT_S = 120.0  # a process imports numpy and Pillow (and the parent's __main__) first
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+class PillowProcessCodec:
+    """``decode`` and ``encode`` in a pool of ``processes`` worker processes.
+
+    Each call ships the encoded bytes (decode) or the output pixels (encode) to a pool process
+    and the result back; the caller's thread waits without holding the GIL, so the engine
+    thread keeps the GPU fed while Pillow works. Processes start on demand.
+
+    A pool process that dies breaks the whole pool, failing every call in flight. The pool is
+    then replaced, and those calls run again one at a time in a separate single process, so
+    the image that kills a process is the only one that fails (``corrupt`` for a decode,
+    ``encode_failed`` for an encode), whatever else was in flight with it. If processes cannot
+    be started at all (the constructor raises; later: the codec logs an error and carries on
+    in-process), no image is blamed for it.
+    """
+
+    def __init__(self, config: CodecConfig, processes: int) -> None:
+        if processes < 1:
+            raise ValueError(f"processes={processes}: a pool needs at least one")
+        self.config = config
+        self.processes = processes
+        self.name = f"pillow in {processes} process{'es' if processes > 1 else ''}"
+        self._context = _pool_context()
+        self._lock = threading.Lock()
+        self._pool = self._new_pool(processes)
+        self._isolated: ProcessPoolExecutor | None = None
+        self._isolated_lock = threading.Lock()
+        self.restarts = 0
+        """Times the pool was replaced after one of its processes died."""
+        self.in_process = False
+        """True once processes could not be started any more: everything runs in-process."""
+        try:  # one process up front: a pool that cannot start fails here, not on an image
+            self._pool.submit(_ping).result(timeout=_START_TIMEOUT_S)
+        except BaseException:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(processes, mp_context=self._context,
+                                   initializer=_pool_process_start, initargs=(os.getpid(),))
+
+    def decode(self, data: bytes, name: str) -> DecodedImage:
+        return self._run(_decode_job, (data, name, self.config), ImageError(
+            "corrupt", f"{name}: the decoding process died on this image (a crash in the "
+                       f"decoder, or it ran out of memory)"))
+
+    def encode(self, image: DecodedImage, pixels: np.ndarray) -> bytes:
+        # The source pixels are not needed to write the output: do not ship them.
+        header_only = dataclasses.replace(image, pixels=_NO_PIXELS)
+        return self._run(_encode_job, (header_only, pixels, self.config), ImageError(
+            "encode_failed", "the encoding process died on this image (a crash in the "
+                             "encoder, or it ran out of memory)"))
+
+    def _run(self, job: Callable[..., Any], args: tuple[Any, ...], crashed: ImageError) -> Any:
+        """``job(*args)`` in the pool; ``crashed`` is raised if it kills its process twice."""
+        pool = self._pool
+        try:
+            outcome = job(*args) if self.in_process else pool.submit(job, *args).result()
+        except BrokenProcessPool:
+            self._replace(pool)
+            outcome = self._run_isolated(job, args, crashed)
+        if isinstance(outcome, _Failed):
+            raise ImageError(outcome.reason, outcome.message)
+        return outcome
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is not broken:
+                return  # another thread replaced it already
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool(self.processes)
+            self.restarts += 1
+        log.warning("codec: a pool process died; the pool was restarted and the images it was "
+                    "working on are retried one at a time")
+
+    def _run_isolated(self, job: Callable[..., Any], args: tuple[Any, ...],
+                      crashed: ImageError) -> Any:
+        with self._isolated_lock:
+            if self._isolated is None:
+                isolated = self._new_pool(1)
+                try:
+                    isolated.submit(_ping).result(timeout=_START_TIMEOUT_S)
+                except Exception as exc:  # noqa: BLE001 - no process starts: not the image's fault
+                    isolated.shutdown(wait=False, cancel_futures=True)
+                    if not self.in_process:
+                        log.error("codec: pool processes cannot be started any more (%s: %s); "
+                                  "decoding and encoding in-process from now on",
+                                  type(exc).__name__, exc)
+                    self.in_process = True
+                    return job(*args)
+                self._isolated = isolated
+            try:
+                return self._isolated.submit(job, *args).result()
+            except BrokenProcessPool:
+                self._isolated.shutdown(wait=False, cancel_futures=True)
+                self._isolated = None
+                raise crashed from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._isolated_lock:
+            if self._isolated is not None:
+                self._isolated.shutdown(wait=True, cancel_futures=True)
+                self._isolated = None
+
+
+def pool_processes(config: CodecConfig, cuda: bool, cpus: float) -> int:
+    """How many Pillow processes an actor with ``cpus`` CPUs runs (``codec.processes``).
+
+    Auto (None): with the model on CUDA and at least 3 CPUs, all but one of them (capped at the
+    machine's cores). The one left is the actor's own: its engine thread feeds the GPU, its
+    fetch/upload threads and the pickling of pixels to and from the pool all share one GIL.
+    With 1-2 CPUs a pool would be a single process doing the same serial work as in-process,
+    plus a copy of every image through a pipe and another process's memory: 0 (in-process).
+    On a CPU model: 0, since the network is the bottleneck by orders of magnitude and already
+    uses every reserved core (torch.set_num_threads(cpus_per_worker)); processes would only
+    take cores from it.
+    """
+    if config.processes is not None:
+        return config.processes
+    if not cuda:
+        return 0
+    cores = min(int(cpus), os.cpu_count() or 1)
+    return cores - 1 if cores >= 3 else 0
+
+
+def _cuda_unavailable(device: str) -> str | None:
+    """Why the model (and so the codec) will not be on CUDA, or None when it will."""
+    if device == "cpu":
+        return "model.device=cpu"
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "torch is not importable"
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def make_codec(config: CodecConfig, device: str = "auto", cpus: float = 1.0) -> Codec:
+    """The codec backend for an actor whose model runs on ``device`` (model.device: auto, cpu
+    or cuda) with ``cpus`` reserved CPUs. Logs one line: what runs, and why not nvJPEG.
+
+    nvJPEG (``deblur.io.nvjpeg``) is tried only with CUDA present and ``codec.backend`` not
+    ``pillow``; torchvision is imported only then. Its Pillow fallback (and the backend when
+    nvJPEG is not used) runs in-process or in a pool per ``pool_processes``. With
+    ``codec.backend=nvjpeg`` and no nvJPEG, raises ``ConfigError``.
+    """
+    unavailable = _cuda_unavailable(device)
+    processes = pool_processes(config, unavailable is None, cpus)
+    pillow: Codec = PillowCodec(config)
+    if processes:
+        try:
+            pillow = PillowProcessCodec(config, processes)
+        except Exception as exc:  # noqa: BLE001 - e.g. the parent's __main__ cannot be imported
+            log.error("codec: cannot start %d Pillow processes (%s: %s); decoding in-process",
+                      processes, type(exc).__name__, one_line(exc))
+    if config.backend == "pillow":
+        reason = "codec.backend=pillow"
+    elif unavailable is not None:
+        reason = unavailable
+    else:
+        try:
+            from deblur.io.nvjpeg import NvJpegCodec
+
+            gpu = NvJpegCodec(config, pillow)
+        except ModuleNotFoundError as exc:
+            reason = (f"{exc.name} is not installed: install the torchvision build that matches "
+                      f"your torch (docs/deploy.md)")
+        except Exception as exc:  # noqa: BLE001 - a broken install, an nvJPEG self-test failure
+            reason = f"nvJPEG is not usable: {type(exc).__name__}: {one_line(exc)}"
+        else:
+            log.info("codec: %s", gpu.name)
+            return gpu
+    if config.backend == "nvjpeg":
+        pillow.close()
+        raise ConfigError(f"codec.backend=nvjpeg, but nvJPEG cannot run here: {reason}")
+    log.info("codec: %s (not nvJPEG: %s)", pillow.name, reason)
+    return pillow

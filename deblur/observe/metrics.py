@@ -37,7 +37,7 @@ METRIC_NAMES = (
     "deblur_stage_seconds", "deblur_batch_size", "deblur_batch_fill", "deblur_queue_depth",
     "deblur_shards", "deblur_images_pending", "deblur_images_expected", "deblur_workers",
     "deblur_gpu_utilization", "deblur_gpu_memory_bytes", "deblur_storage_retries_total",
-    "deblur_shard_retries_total",
+    "deblur_shard_retries_total", "deblur_fp32_reruns_total",
 )
 
 
@@ -87,6 +87,9 @@ class JobMetrics:
         self.shard_retries = Counter("deblur_shard_retries",
                                      "Shards re-dispatched after a worker or node was lost",
                                      job, registry=r)
+        self.fp32_reruns = Counter("deblur_fp32_reruns",
+                                   "Images rerun in fp32 after a non-finite reduced-precision "
+                                   "output", job, registry=r)
         # Initialise label sets so every series exists from the first scrape (a panel shows
         # 0, not "no data", and `rate()` has a starting point).
         for status in ("ok", "failed"):
@@ -98,6 +101,7 @@ class JobMetrics:
         for state in ("active", "pending"):
             self.workers.labels(job_id, state)
         self.storage_retries.labels(job_id)
+        self.fp32_reruns.labels(job_id)
         self.shard_retries.labels(job_id)
         self.pending.labels(job_id)
         self.expected.labels(job_id)
@@ -157,6 +161,7 @@ class JobMetrics:
             self.gpu_util.labels(job, worker).set(min(1.0, m.get("busy_s", 0.0) / m["wall_s"]))
         self.gpu_memory.labels(job, worker).set(m.get("gpu_memory_bytes", 0))
         self.queue.labels(job, worker, "decoded").set(m.get("queue_peak", 0))
+        self.fp32_reruns.labels(job).inc(m.get("fp32_reruns", 0))
         retries = m.get("storage_retries", 0)
         self.storage_retries.labels(job).inc(retries)
         self.totals["storage_retries"] += retries

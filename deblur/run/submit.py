@@ -17,7 +17,6 @@ printed and never put into the runtime_env, which anyone who can read the dashbo
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import shlex
 import tempfile
@@ -139,7 +138,7 @@ def submit(config: JobConfig, address: str, *, job_id: str | None = None,
     submission_id = f"deblur-{job_id}"
     with tempfile.TemporaryDirectory(prefix="deblur-submit-") as folder:
         Path(folder, CONFIG_NAME).write_text(
-            yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+            yaml.safe_dump(config.to_dict(), sort_keys=False))
         try:
             jobs.submit_job(
                 entrypoint=command, submission_id=submission_id,

@@ -33,7 +33,7 @@ import pyarrow as pa
 from deblur.io import codec
 from deblur.observe import quality
 from deblur.run.engine import Engine
-from deblur.config import JobConfig
+from deblur.config import JobConfig, parse_shape
 from deblur.errors import ImageError, NotFoundError, PipelineError, StorageError
 from deblur.job.ledger import RESULT_SCHEMA, Ledger
 from deblur.io.storage import Storage, get_storage
@@ -72,12 +72,15 @@ class ShardProcessor:
             measuring the pipeline's own overhead).
         worker_id: recorded in every result row.
         storage: defaults to the process-wide client for ``config.storage``.
+        fp32_reruns: how many images the model has rerun in fp32 so far (reported per shard).
     """
 
     def __init__(self, config: JobConfig,
                  infer: Callable[[list[np.ndarray], tuple[int, int] | None], list[np.ndarray]],
-                 worker_id: str, storage: Storage | None = None) -> None:
+                 worker_id: str, storage: Storage | None = None,
+                 fp32_reruns: Callable[[], int] = lambda: 0) -> None:
         self.config = config
+        self.fp32_reruns = fp32_reruns
         self.worker_id = worker_id
         self.storage = storage or get_storage(config.storage)
         threads = config.worker.io_threads
@@ -85,6 +88,9 @@ class ShardProcessor:
         self.encode_pool = ThreadPoolExecutor(threads, thread_name_prefix="upload")
         # Bounds decoded-but-not-uploaded images so a slow store cannot fill memory.
         self.encode_slots = threading.BoundedSemaphore(config.worker.prefetch + threads)
+        # Pillow in-process or in a process pool, or nvJPEG on the GPU (io/codec.py make_codec).
+        self.codec = codec.make_codec(config.codec, config.model.device,
+                                      config.worker.cpus_per_worker)
         self.engine: Engine[Item] = Engine(infer, config, self._on_output, self._on_infer_error)
 
     # -- per shard -------------------------------------------------------------------------
@@ -94,6 +100,7 @@ class ShardProcessor:
         start = time.perf_counter()
         busy_before = self.engine.busy_seconds
         retries_before = self.storage.retries
+        reruns_before = self.fp32_reruns()
         ledger = Ledger(self.storage, job_root)
         pending, previous = ledger.pending(shard_id)
         planned_ids = pending["row_id"] if previous is None else None
@@ -120,6 +127,7 @@ class ShardProcessor:
             "bytes_out": sum(r["bytes_out"] or 0 for r in results),
             "storage_retries": self.storage.retries - retries_before,
             "gpu_memory_bytes": _gpu_memory_bytes(),
+            "fp32_reruns": self.fp32_reruns() - reruns_before,
         }
         return {"shard": shard_id, "rows": len(results), "ok": ok, "failed": len(results) - ok,
                 "seconds": wall, "worker": self.worker_id, "attempt": attempt,
@@ -148,7 +156,7 @@ class ShardProcessor:
             item.timings["fetch_ms"] = _ms(start)
             item.bytes_in = len(data)
             start = time.perf_counter()
-            item.image = codec.decode(data, key, self.config.codec)
+            item.image = self.codec.decode(data, key)
             item.timings["decode_ms"] = _ms(start)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this row's reason
             self.engine.withdraw()
@@ -170,7 +178,7 @@ class ShardProcessor:
         try:
             self._measure(item, output)
             start = time.perf_counter()
-            data = codec.encode(item.image, output, self.config.codec)
+            data = self.codec.encode(item.image, output)
             item.timings["encode_ms"] = _ms(start)
             start = time.perf_counter()
             self.storage.put(item.row["output_key"], data)
@@ -200,8 +208,7 @@ class ShardProcessor:
                        sharpness_ratio=lap_out / lap_in if lap_in > 0 else None)
         if item.reference:
             try:
-                ref = codec.decode(self.storage.get(item.reference), item.reference,
-                                   self.config.codec)
+                ref = self.codec.decode(self.storage.get(item.reference), item.reference)
                 row.update(psnr=quality.psnr(output, ref.pixels),
                            ssim=quality.ssim(output, ref.pixels))
             except (PipelineError, ValueError) as exc:
@@ -261,7 +268,14 @@ def build_processor(config: JobConfig, worker_id: str) -> ShardProcessor:
         import torch
 
         torch.set_num_threads(max(1, int(config.worker.cpus_per_worker)))
-    return ShardProcessor(config, deblurrer.deblur, worker_id)
+    for text in config.model.warm_shapes:  # compile before the first shard, not during it
+        shape = parse_shape(text, "model.warm_shapes")
+        started = time.perf_counter()
+        deblurrer.warm(shape, list(range(1, config.batch.max_batch + 1)))
+        log.info("warmed %dx%d in %.1f s%s", *shape, time.perf_counter() - started,
+                 f" (eager: {deblurrer.compile_error})" if deblurrer.compile_error else "")
+    return ShardProcessor(config, deblurrer.deblur, worker_id,
+                          fp32_reruns=lambda: deblurrer.fp32_reruns)
 
 
 def worker_name() -> str:

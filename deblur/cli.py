@@ -87,6 +87,14 @@ Resume = Annotated[bool, typer.Option(
     help="Finish the job already at --job-root (skips shards that have results).")]
 MetricsPort = Annotated[int | None, typer.Option(
     help="Port of the driver's Prometheus /metrics (0: a free one).")]
+FollowLinks = Annotated[bool, typer.Option(
+    "--follow-links", help="Read symlinks in a local SOURCE that resolve outside it.")]
+AllowPrefix = Annotated[list[str] | None, typer.Option(
+    "--allow-prefix", help="Absolute/URI manifest entries must lie under one (repeatable); "
+                           "default: the manifest's folder, SOURCE, DESTINATION.")]
+OverwriteInputs = Annotated[bool, typer.Option(
+    "--overwrite-inputs", help="Allow outputs that replace their own input (DEST == SOURCE); "
+                               "originals are kept under the job root.")]
 
 
 def _job_overrides(source: str, destination: str, *, job_root: str | None,
@@ -126,7 +134,12 @@ def run(
     gpus_per_worker: GpusPerWorker = None,
     max_batch: MaxBatch = None,
     metrics_port: MetricsPort = None,
+    follow_links: FollowLinks = False,
+    allow_prefix: AllowPrefix = None,
+    overwrite_inputs: OverwriteInputs = False,
     quiet: Quiet = False,
+    force: Annotated[bool, typer.Option(
+        help="Start even though a live job writes into an overlapping destination.")] = False,
 ) -> None:
     """Deblur every image of SOURCE into DESTINATION (same relative paths)."""
     from deblur import config as config_mod
@@ -138,18 +151,21 @@ def run(
                          output_format=output_format, quality=quality,
                          metrics_port=metrics_port),
         **_pool_overrides(address, min_workers, max_workers, gpus_per_worker, max_batch),
+        "follow_links": follow_links or None, "overwrite_inputs": overwrite_inputs or None,
+        "allow_prefixes": allow_prefix or None,
     }
     job = _guard(config_mod.load, config, overrides)
-    code = _guard(_run_job, job, resume=resume, quiet=quiet, job_id=job_id)
+    code = _guard(_run_job, job, resume=resume, quiet=quiet, job_id=job_id, force=force)
     raise typer.Exit(code)
 
 
-def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None) -> int:
+def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None,
+             force: bool = False) -> int:
     from deblur.run.driver import execute, open_or_plan
     from deblur.io.storage import get_storage
 
     storage = get_storage(job.storage)
-    ledger = open_or_plan(job, storage, resume=resume, job_id=job_id)
+    ledger = open_or_plan(job, storage, resume=resume, job_id=job_id, force=force)
     status = ledger.status()
     shards = sorted(set(ledger.shard_ids()) - ledger.done_shards())
     typer.echo(f"job root: {ledger.job_root}")
@@ -278,6 +294,7 @@ def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
             section, _, name = dotted.partition(".")
             data[section][name] = value
     job = config_mod.from_dict(data).validate()
+    ledger.acquire_lease(job.scheduler.lease_ttl_s)  # refuses while another driver is live
     ledger.clear_cancel()
     index = ledger.index()  # one read of the index serves both
     status = ledger.status(index)
@@ -386,8 +403,15 @@ def _cancel(job_root: str) -> None:
     from deblur.job.ledger import Ledger
     from deblur.io.storage import get_storage
 
-    Ledger.open(get_storage(), job_root).request_cancel()
-    typer.echo(f"cancel requested for {job_root}; the driver stops within seconds")
+    ledger = Ledger.open(get_storage(), job_root)
+    ledger.request_cancel()
+    lease = ledger.live_lease()
+    if lease is not None:
+        typer.echo(f"cancel requested for {job_root}; its live driver {lease.describe()} "
+                   f"stops dispatching within seconds")
+    else:
+        typer.echo(f"cancel requested for {job_root}; no live driver holds it now: "
+                   f"`deblur rerun {job_root}` clears the request and finishes the job")
 
 
 @app.command()

@@ -223,6 +223,10 @@ class SchedulerConfig:
     """Seconds between writes of the ledger index (status/rerun read it instead of results)."""
     ray_num_gpus: int | None = None
     """Logical GPUs for an in-process Ray (default: as many as max_workers need on CPU)."""
+    lease_ttl_s: float = 60.0
+    """The driver's lease on its job root (<job_root>/lease.json) lasts this long and is
+    renewed every third of it; `deblur rerun` / `run --resume` refuse a live lease of another
+    driver and take over one a killed driver left once it expires (at most this long)."""
 
     def validate(self) -> None:
         if self.min_workers < 0 or self.max_workers < 1:
@@ -236,6 +240,8 @@ class SchedulerConfig:
             raise ConfigError("scheduler: shards_per_worker and max_attempts must be >= 1")
         if self.index_interval_s <= 0:
             raise ConfigError(f"scheduler.index_interval_s={self.index_interval_s}: must be > 0")
+        if self.lease_ttl_s <= 0:
+            raise ConfigError(f"scheduler.lease_ttl_s={self.lease_ttl_s}: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,17 @@ class JobConfig:
     """Ledger location; default DEST/_deblur/<job_id>/."""
     shard_size: int = 1000
     """Images per shard (the unit of dispatch, retry and commit)."""
+    follow_links: bool = False
+    """Local folder sources: read symbolic links that resolve outside the source folder
+    (otherwise such a row fails as outside_source). Links inside it are always read."""
+    allow_prefixes: tuple[str, ...] = ()
+    """Prefixes (s3://… or folders) that absolute/URI manifest entries must lie under; an
+    entry elsewhere fails as outside_source. Empty: the manifest's own folder (or S3 prefix),
+    SOURCE and DESTINATION."""
+    overwrite_inputs: bool = False
+    """Allow rows whose output is their own input (DEST == SOURCE, or an output_key naming
+    the input); each original is kept under <job_root>/originals/ before it is replaced.
+    Otherwise such a row fails as would_overwrite_input."""
     model: ModelConfig = field(default_factory=ModelConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -298,6 +315,12 @@ class JobConfig:
     def validate(self) -> JobConfig:
         if self.shard_size < 1:
             raise ConfigError(f"shard_size={self.shard_size}: must be >= 1")
+        if any(not p for p in self.allow_prefixes):
+            raise ConfigError("allow_prefixes: an empty prefix would allow everything; name a "
+                              "bucket/prefix or folder")
+        from deblur.job.manifest import check_destination  # imported here: it needs pyarrow
+
+        check_destination(self.source, self.destination)
         for section in (self.model, self.codec, self.storage, self.batch, self.worker,
                         self.scheduler, self.metrics, self.quality):
             section.validate()

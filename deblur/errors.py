@@ -65,7 +65,9 @@ class ImageError(PipelineError):
 
     Reasons: ``empty``, ``corrupt``, ``truncated``, ``unsupported_format``, ``too_large``,
     ``unsupported_mode``, ``fetch_failed``, ``upload_failed``, ``inference_failed``,
-    ``invalid_key``, ``duplicate_key``, ``output_collision``.
+    ``invalid_key``, ``duplicate_key``, ``output_collision``, ``unsupported_depth``,
+    ``multi_frame``, ``outside_source``, ``broken_link``, ``would_overwrite_input``,
+    ``reserved_output``.
     """
 
     def __init__(self, reason: str, message: str) -> None:

@@ -36,6 +36,7 @@ from deblur.io.storage import Storage
 from deblur.run.worker import ShardProcessor
 from tests.conftest import identity, image_bytes, jpeg, make_job, noise
 from tests.pool_jobs import maybe_crash
+from tests.test_codec import png16
 
 CFG = CodecConfig()
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,21 @@ BAD = {
     "bomb.png": _bomb(),
     "float.tif": image_bytes(Image.fromarray(np.zeros((8, 8), np.float32), "F"), "TIFF"),
     "corrupt.png": _corrupt_png(),
+    "passwd.jpg": b"root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+    "report.jpg": b"%PDF-1.7\n1 0 obj <</Title (secret)>>",
+    # what Pillow would silently reduce to one 8-bit frame (tests/test_codec.py has them all)
+    "animated.webp": image_bytes(_rgb(), "WEBP", save_all=True, duration=100,
+                                 append_images=[_rgb(seed=i) for i in range(1, 4)]),
+    "animated.png": image_bytes(_rgb(), "PNG", save_all=True, append_images=[_rgb(seed=1)]),
+    "pages.tif": image_bytes(_rgb(), "TIFF", save_all=True,
+                             append_images=[_rgb(seed=1), _rgb(seed=2)]),
+    "rgb48.png": png16(np.random.default_rng(3).integers(0, 65535, (6, 5, 3)).astype(np.uint16)),
 }
+
+
+BAD_REASONS = {"passwd.jpg": "unsupported_format", "report.jpg": "unsupported_format",
+               "animated.webp": "multi_frame", "animated.png": "multi_frame",
+               "pages.tif": "multi_frame", "rgb48.png": "unsupported_depth"}
 
 
 def _inverted(pixels: np.ndarray) -> np.ndarray:
@@ -268,6 +283,8 @@ def test_pool_errors_keep_reason_and_message(pool: PillowProcessCodec, name: str
     here = _error(codec.decode, BAD[name], f"s3://b/{name}", CFG)
     there = _error(pool.decode, BAD[name], f"s3://b/{name}")
     assert there == here and here[0] is ImageError and f"s3://b/{name}" in here[2]
+    assert here[1] == BAD_REASONS.get(name, here[1])
+    assert "root:x" not in here[2] and "%PDF" not in here[2]  # never the object's bytes
 
 
 def test_pool_encode_errors_keep_reason_and_message(pool: PillowProcessCodec) -> None:
@@ -436,8 +453,9 @@ def test_stand_in_follows_xmp_orientation_and_odd_exif() -> None:
 def test_stand_in_bad_inputs_get_pillows_verdict(name: str) -> None:
     # A lenient stand-in: a truncated file must still be Pillow's to judge.
     stand_in = _stand_in(ops=_PillowOps(tolerant=True))
-    assert (_error(stand_in.decode, BAD[name], f"s3://b/{name}")
-            == _error(codec.decode, BAD[name], f"s3://b/{name}", CFG))
+    verdict = _error(stand_in.decode, BAD[name], f"s3://b/{name}")
+    assert verdict == _error(codec.decode, BAD[name], f"s3://b/{name}", CFG)
+    assert verdict[1] == BAD_REASONS.get(name, verdict[1])
 
 
 def test_only_rgb_and_grey_jpegs_reach_nvjpeg() -> None:

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deblur.config import CodecConfig
-from deblur.errors import ManifestError
+from deblur.config import CodecConfig, JobConfig
+from deblur.errors import ConfigError, ManifestError
 from deblur.job.manifest import iter_shards, plan_rows, write_listing
 from deblur.io.storage import Storage
 
@@ -19,8 +19,10 @@ KEYS = ["a.jpg", "sub dir/b.png", "ünï/çødé/c.jpg", "d/e/f/g/h/deep.webp"]
 
 
 def _plan(source: str, dest: str, storage: Storage | None = None,
-          codec: CodecConfig | None = None) -> tuple[list[dict], dict]:
-    batches, planner = plan_rows(source, dest, storage or Storage(), codec or CodecConfig())
+          codec: CodecConfig | None = None, **job: object) -> tuple[list[dict], dict]:
+    config = JobConfig(source=source, destination=dest, **job) if job else None
+    batches, planner = plan_rows(source, dest, storage or Storage(), codec or CodecConfig(),
+                                 job=config)
     rows = [r for b in batches for r in b.to_pylist()]
     return rows, planner.counts.to_dict()
 
@@ -50,7 +52,7 @@ def test_every_format_maps_keys_under_the_destination(tmp_path: Path, fmt: str) 
 def test_uri_column_and_full_uris(tmp_path: Path) -> None:
     manifest = _write(tmp_path / "m.parquet", "parquet",
                       ["s3://photos/2024/x.jpg", f"{tmp_path}/y.jpg"], column="uri")
-    rows, _ = _plan(manifest, "/out")
+    rows, _ = _plan(manifest, "/out", allow_prefixes=("s3://photos/2024", str(tmp_path)))
     assert [r["key"] for r in rows] == ["s3://photos/2024/x.jpg", f"{tmp_path}/y.jpg"]
     assert [r["output_key"] for r in rows] == ["/out/2024/x.jpg", "/out/y.jpg"]
 
@@ -107,15 +109,16 @@ def test_forced_format_changes_extensions_and_finds_collisions(tmp_path: Path) -
     assert rows[2]["output_key"] == "/o/b.jpg"
 
 
-def test_listing_a_prefix_on_s3_skips_non_images_and_the_destination(
-        storage: Storage, s3_bucket: str) -> None:
-    for name in ["x/1.jpg", "x/2.PNG", "x/notes.txt", "x/out/old.jpg", "x/deep/ü 3.jpeg"]:
+def test_listing_a_prefix_on_s3_skips_non_images(storage: Storage, s3_bucket: str) -> None:
+    for name in ["x/1.jpg", "x/2.PNG", "x/notes.txt", "x/deep/ü 3.jpeg"]:
         storage.put(f"{s3_bucket}/{name}", b"x")
-    rows, _ = _plan(f"{s3_bucket}/x", f"{s3_bucket}/x/out", storage)
+    rows, _ = _plan(f"{s3_bucket}/x", f"{s3_bucket}/out", storage)
     assert sorted(r["key"] for r in rows) == [f"{s3_bucket}/x/{n}" for n in
                                               ["1.jpg", "2.PNG", "deep/ü 3.jpeg"]]
-    assert {r["output_key"] for r in rows} == {f"{s3_bucket}/x/out/{n}" for n in
+    assert {r["output_key"] for r in rows} == {f"{s3_bucket}/out/{n}" for n in
                                                ["1.jpg", "2.PNG", "deep/ü 3.jpeg"]}
+    with pytest.raises(ConfigError, match="destination .*/x/out is inside source .*/x"):
+        _plan(f"{s3_bucket}/x", f"{s3_bucket}/x/out", storage)
 
 
 def test_write_listing_round_trips_from_anywhere(storage: Storage, s3_bucket: str,

@@ -9,11 +9,16 @@ way a viewer shows it, and the output is written upright with orientation reset 
 - LA, RGBA, PA and P with transparency: the alpha channel is kept aside and put back untouched;
 - P without transparency, CMYK, YCbCr, LAB, HSV: converted to RGB (written as RGB);
 - I;16 family (16-bit grey): uint16 pixels end to end, written as 16-bit PNG/TIFF;
-- 32-bit integer / float modes are refused with ``unsupported_mode``.
+- 32-bit integer / float modes are refused with ``unsupported_mode``;
+- 16 bits per channel colour (48/64-bit RGB(A), 16-bit LA or CMYK), which Pillow silently reads
+  as 8 bits, is refused with ``unsupported_depth``; animated WebP/PNG and multi-page TIFF with
+  ``multi_frame`` (only the first frame would be written). Nothing is dropped on an ok row.
 
 The ICC profile and EXIF block are carried to the output where the format can hold them.
 Every failure is an ``ImageError`` whose reason is one of: empty, corrupt, truncated,
-unsupported_format, too_large, unsupported_mode, encode_failed.
+unsupported_format, too_large, unsupported_mode, unsupported_depth, multi_frame, encode_failed.
+Messages never quote the object's bytes (they reach the ledger and the report): a non-image
+is described by the type its magic number suggests (``sniff``).
 
 The functions below (``decode``, ``encode``) are the reference behaviour. The worker calls them
 through a ``Codec`` backend that ``make_codec`` picks once per actor:
@@ -35,6 +40,7 @@ import logging
 import multiprocessing
 import os
 import posixpath
+import re
 import select
 import signal
 import threading
@@ -84,29 +90,113 @@ class DecodedImage:
     exif: bytes | None = None
 
 
+_SNIFF_BYTES = 512
+
+# Leading magic numbers of common non-images, in the order they are tried.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "PDF"),
+    (b"PK\x03\x04", "ZIP/Office"), (b"PK\x05\x06", "ZIP/Office"), (b"PK\x07\x08", "ZIP/Office"),
+    (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+    (b"(\xb5/\xfd", "zstd"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!\x1a\x07", "RAR"),
+    (b"\x7fELF", "ELF executable"), (b"MZ", "Windows executable"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "OLE/legacy Office"),
+    (b"OggS", "Ogg media"), (b"ID3", "MP3 audio"), (b"fLaC", "FLAC audio"),
+    (b"\x1aE\xdf\xa3", "Matroska/WebM video"), (b"SQLite format 3\x00", "SQLite database"),
+    (b"PAR1", "Parquet"), (b"8BPS", "Photoshop PSD"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+)
+_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC",
+               b"heis": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF",
+               b"avis": "AVIF", b"crx ": "Canon CR3 raw"}
+_TEXT_CONTROLS = {"\t", "\n", "\r", "\f", "\v"}
+
+
+def sniff(head: bytes) -> str:
+    """What ``head`` (an object's first bytes) looks like, by magic number, in a few words.
+
+    Never any of the bytes themselves: the result goes into failed rows, the ledger and the
+    report, and the object may be a credential file that was never meant to be an image.
+    """
+    if not head:
+        return "empty"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp":
+        return f"{_ISO_BRANDS.get(head[8:12], 'MP4/QuickTime/ISO media')} (ISO media)"
+    if head[:4] == b"RIFF":
+        return {b"WAVE": "WAV audio", b"AVI ": "AVI video"}.get(head[8:12], "RIFF container")
+    text = _as_text(head)
+    if text is None:
+        return "unknown binary"
+    lowered = text.lstrip("\ufeff \t\r\n").lower()
+    if lowered.startswith(("<!doctype html", "<html")) or "<html" in lowered:
+        return "HTML"
+    if "<svg" in lowered:
+        return "SVG (vector graphics)"
+    if lowered.startswith("<?xml"):
+        return "XML"
+    if lowered.startswith(("{", "[")):
+        return "looks like JSON/text"
+    return "looks like text"
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` as text if it reads as UTF-8 (or UTF-16 with a BOM) printable text, else None."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return head[:len(head) // 2 * 2].decode("utf-16")
+        except UnicodeDecodeError:
+            return None
+    for cut in range(4):  # the read may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if all(ch.isprintable() or ch in _TEXT_CONTROLS for ch in text):
+        return text
+    return None
+
+
 def _head(stream: BinaryIO) -> bytes:
     stream.seek(0)
-    return stream.read(8)
+    return stream.read(_SNIFF_BYTES)
+
+
+_BYTES_LITERAL = re.compile(r"""\bb(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def _no_bytes(text: str) -> str:
+    """``text`` (a decoder's message) with any quoted bytes (``b'...'``) left out."""
+    return _BYTES_LITERAL.sub("<bytes>", text)
 
 
 def _fail(reason: str, name: str, what: str) -> ImageError:
     return ImageError(reason, f"{name}: {what}")
 
 
-def open_header(stream: BinaryIO, name: str, config: CodecConfig) -> Image.Image:
+def open_header(stream: BinaryIO, name: str, config: CodecConfig, *,
+                whole: bool = False) -> Image.Image:
     """Open the image in ``stream`` reading its header only: format, size and the limits.
 
     ``decode`` starts with it and ``deblur plan`` calls it on ranged reads, so both give the
-    same verdict (unsupported_format, corrupt, too_large) before any pixel is decoded.
+    same verdict (unsupported_format, corrupt, too_large, unsupported_depth, multi_frame)
+    before any pixel is decoded. ``whole``: ``stream`` holds the whole object in memory, so
+    the pages of a multi-page TIFF may be counted for the message (on a ranged read that
+    could mean fetching every page's directory; the verdict is the same either way).
     """
     try:
         img = Image.open(stream)
     except UnidentifiedImageError:
         raise _fail("unsupported_format", name,
-                    f"not a recognised image (starts {_head(stream)!r}); "
+                    f"not a recognised image (detected: {sniff(_head(stream))}); "
                     f"supported: {', '.join(sorted(FORMATS.values()))}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on a broken header
-        raise _fail("corrupt", name, f"unreadable header ({type(exc).__name__}: {exc})") from None
+        raise _fail("corrupt", name, f"unreadable header ({type(exc).__name__}: "
+                                     f"{_no_bytes(str(exc))})") from None
     if img.format not in FORMATS:
         raise _fail("unsupported_format", name,
                     f"{img.format} images are not supported; convert to "
@@ -118,14 +208,52 @@ def open_header(stream: BinaryIO, name: str, config: CodecConfig) -> Image.Image
         raise _fail("too_large", name,
                     f"{width}x{height} = {width * height:,} pixels exceeds codec.max_pixels="
                     f"{config.max_pixels:,}; raise it if the image is genuine")
+    _refuse_lossy(img, name, whole)
     return img
+
+
+def _rawmode(img: Image.Image) -> str:
+    """The raw pixel layout of ``img``'s first tile (``RGB;16B``, ``I;16``…), or ""."""
+    if not img.tile:
+        return ""
+    args = img.tile[0].args
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else ""
+
+
+def _refuse_lossy(img: Image.Image, name: str, whole: bool) -> None:
+    """Refuse, from the header, what ``decode`` would silently lose: frames, bit depth."""
+    if getattr(img, "is_animated", False):  # WebP, APNG (acTL), TIFF (a next directory)
+        noun = "pages" if img.format == "TIFF" else "frames"
+        count = f"more than one {noun[:-1]}"
+        if img.format != "TIFF" or whole:
+            try:
+                count = f"{img.n_frames} {noun}"
+            except Exception:  # noqa: BLE001 - a broken page chain: still more than one
+                pass
+        raise _fail("multi_frame", name,
+                    f"{count}; only single-frame images are deblurred — extract {noun} first")
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        return  # 16-bit grey is kept exactly; 32-bit modes are decode's unsupported_mode
+    if img.format == "PNG":
+        deep = _rawmode(img).endswith(";16B")  # IHDR bit depth 16, colour or grey+alpha
+    elif img.format == "TIFF":
+        bits = img.tag_v2.get(258) or (1,)  # BitsPerSample
+        deep = max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    else:
+        deep = False
+    if deep:
+        layout = _rawmode(img).split(";")[0] or img.mode
+        raise _fail("unsupported_depth", name,
+                    f"16 bits per channel {layout} would be written as 8 bits; only 16-bit "
+                    f"grey is kept at 16 bits — convert to 8 bits per channel first")
 
 
 def decode(data: bytes, name: str, config: CodecConfig) -> DecodedImage:
     """Decode ``data`` (the object called ``name``, for messages) into RGB pixels."""
     if not data:
         raise _fail("empty", name, "zero-byte object; re-upload the image")
-    img = open_header(io.BytesIO(data), name, config)
+    img = open_header(io.BytesIO(data), name, config, whole=True)
     source_format = FORMATS[img.format]
     icc = img.info.get("icc_profile")
     try:
@@ -134,10 +262,10 @@ def decode(data: bytes, name: str, config: CodecConfig) -> DecodedImage:
     except OSError as exc:
         text = str(exc)
         reason = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
-        raise _fail(reason, name, f"cannot decode {source_format}: {text}") from None
+        raise _fail(reason, name, f"cannot decode {source_format}: {_no_bytes(text)}") from None
     except Exception as exc:  # noqa: BLE001 - SyntaxError, ValueError, struct.error, …
-        raise _fail("corrupt", name,
-                    f"cannot decode {source_format}: {type(exc).__name__}: {exc}") from None
+        raise _fail("corrupt", name, f"cannot decode {source_format}: {type(exc).__name__}: "
+                                     f"{_no_bytes(str(exc))}") from None
     exif = img.info.get("exif") or (img.getexif().tobytes() if img.getexif() else None)
     mode = img.mode
     pixels, alpha, grey = _to_rgb(img, name)

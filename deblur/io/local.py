@@ -3,13 +3,16 @@
 Writes go to a temporary file in the same folder and are renamed into place, so a reader
 never sees a partial file; put-if-absent links that temporary file (``os.link`` fails when the
 name exists), which is both atomic and exclusive. Listings walk folders recursively in sorted
-order and skip those temporary files. A file's version tag (``etag``) is its nanosecond mtime
-and size, since a local file has no ETag.
+order and skip those temporary files; a symbolic link named like an image is listed even when
+it dangles or loops (with no ``etag``), so the planner records it as a failed row rather than
+crashing or dropping it (``link_problem`` says why). A file's version tag (``etag``) is its
+nanosecond mtime and size, since a local file has no ETag.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 
@@ -135,11 +138,47 @@ def _walk(root: str, folder: str, suffixes: tuple[str, ...] | None) -> Iterator[
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             yield from _walk(root, entry.path, suffixes)
-        elif entry.is_file() and TMP_MARK not in entry.name and has_suffix(entry.name,
-                                                                             suffixes):
-            st = entry.stat()
-            yield ObjectInfo(uri=entry.path, key=os.path.relpath(entry.path, root),
-                             size=st.st_size, mtime=st.st_mtime, etag=_tag(st))
+            continue
+        if TMP_MARK in entry.name or not has_suffix(entry.name, suffixes):
+            continue
+        key = os.path.relpath(entry.path, root)
+        try:
+            st = entry.stat()  # follows a link: a dangling one or a loop raises here
+        except OSError:
+            if entry.is_symlink():  # listed, so the planner records it as a failed row
+                yield ObjectInfo(uri=entry.path, key=key, size=0, mtime=0.0, etag=None)
+                continue
+            raise StorageError(f"cannot stat {entry.path}", entry.path) from None
+        if stat.S_ISREG(st.st_mode):
+            yield ObjectInfo(uri=entry.path, key=key, size=st.st_size, mtime=st.st_mtime,
+                             etag=_tag(st))
+
+
+def link_problem(path: str, root: str, follow_links: bool) -> str | None:
+    """Why the listed file ``path`` under the folder ``root`` must not be read, or None.
+
+    ``broken_link: …`` for a dangling link or a link loop; ``outside_source: …`` for a link
+    that resolves outside ``root`` unless ``follow_links``. Links within ``root`` are fine.
+    One ``lstat`` for a plain file; links are resolved with ``realpath``. Checked again by the
+    worker just before it reads, so a link changed after planning is caught too.
+    """
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return None  # listings never descend into linked folders: a plain file is inside
+    except OSError:
+        return None  # gone (or unreadable): not a link; the read itself reports it
+    try:
+        target = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        return (f"broken_link: {path} is a symbolic link that cannot be resolved "
+                f"({exc.strerror}); fix or remove the link")
+    if not os.path.isfile(target):
+        return f"broken_link: {path} is a symbolic link to {target}, which is not a file"
+    real_root = os.path.realpath(root)
+    if follow_links or target.startswith(real_root.rstrip("/") + "/"):
+        return None
+    return (f"outside_source: {path} is a symbolic link to {target}, outside the source "
+            f"folder {root}; not read. Pass --follow-links to read such links")
 
 
 def _tag(st: os.stat_result) -> str:

@@ -224,7 +224,8 @@ class NvJpegCodec:
     def decode(self, data: bytes, name: str) -> DecodedImage:
         if not data or not _ends_with_eoi(data):
             return self.fallback.decode(data, name)
-        img = open_header(io.BytesIO(data), name, self.config)  # the same verdicts as Pillow
+        img = open_header(io.BytesIO(data), name, self.config,  # Pillow's verdicts
+                          whole=True)
         if (img.format != "JPEG" or img.mode not in ("RGB", "L")
                 or img.info.get("adobe_transform") == 0):  # RGB stored as is: libjpeg's call
             return self.fallback.decode(data, name)

@@ -234,7 +234,8 @@ def _stream_rows(report: PlanReport, config: JobConfig, storage: Storage, sample
                  rng: random.Random) -> list[str]:
     """Count every row's verdict and keep a uniform sample of the valid keys (reservoir)."""
     sample: list[str] = []
-    batches, planner = plan_rows(config.source, config.destination, storage, config.codec)
+    batches, planner = plan_rows(config.source, config.destination, storage, config.codec,
+                                 job=config)
     for batch in batches:
         columns = (batch.column(name).to_pylist() for name in ("key", "error", "reference"))
         for key, error, reference in zip(*columns):

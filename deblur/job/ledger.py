@@ -1,6 +1,8 @@
 """The job's state, kept only in storage, so any process (driver, worker, `deblur status`, a
 restarted driver on another machine) sees the same truth.
 
+    <job_root>/claim.json             who planned here (job_id, host, pid, time); written first
+    <job_root>/lease.json             the live driver: holder, expiry (renewed every ttl/3)
     <job_root>/job.json               config, source, model + weights digest, row/shard counts
     <job_root>/shards/00000.parquet   planned rows: row_id, key, output_key, reference, error
     <job_root>/results/00000.parquet  one row per shard row: ok, or failed with a reason
@@ -14,7 +16,17 @@ restarted driver on another machine) sees the same truth.
 This module is the only code that knows these names, and ``result_row`` (``result_table``
 for whole columns) is the only constructor of a result row.
 
-job.json is written last when planning (with put-if-absent), so its existence means "planned";
+claim.json is created first when planning (put-if-absent): of two drivers planning into one
+job root, the one that loses the claim writes nothing. job.json is written last (also
+put-if-absent), so its existence means "planned".
+
+lease.json says a driver is working on the job: holder id and expiry (now + ttl), renewed
+every ttl/3 and deleted when the run ends. Resume and rerun refuse a live lease held by
+another driver and take over an expired one (a killed driver). The storage layer has no
+compare-and-swap on an ETag, so a takeover is delete + put-if-absent: two takers cannot both
+create it, but in the window between one taker's read of the expired lease and its delete,
+another taker may already have replaced it, and the first then deletes the second's fresh
+lease. That window is a few milliseconds per takeover and only opens after a driver died.
 a shard is done iff its result object exists. A result is written whole (S3 put, or a local
 rename) and only after every output of the shard was uploaded. A rerun merges: rows already ok
 are kept as they were, the rest are replaced, and the merge asserts that every row of the shard
@@ -31,8 +43,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import re
 import secrets
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +64,8 @@ from deblur.config import JobConfig, from_dict
 from deblur.errors import AlreadyExistsError, ConfigError, ManifestError, NotFoundError
 from deblur.job.manifest import SHARD_SCHEMA, iter_shards, plan_rows
 from deblur.io.storage import Storage, as_folder, join
+
+log = logging.getLogger("deblur.job.ledger")
 
 RESULT_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),
@@ -101,11 +119,17 @@ def result_table(rows: pa.Table, *, attempt: int, worker: str,
     return pa.table(data, schema=RESULT_SCHEMA)
 
 
-PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision"})
+PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision",
+                               "reserved_output"})
 """Failures a rerun cannot fix: they come from the manifest itself."""
 
 UPLOAD_THREADS = 16
 INDEX_NAME = "index.parquet"
+JOB_NAME = "job.json"
+CLAIM_NAME = "claim.json"
+LEASE_NAME = "lease.json"
+JOB_AREA = "_deblur"
+_JOB_KEYS = ("job_id", "created_at", "source", "destination", "rows", "shards", "config")
 QUALITY_FIGURES = ("psnr", "ssim", "sharpness_ratio")
 
 INDEX_SCHEMA = pa.schema([
@@ -198,7 +222,83 @@ def new_job_id() -> str:
 
 
 def default_job_root(destination: str, job_id: str) -> str:
-    return join(as_folder(destination) + "_deblur", job_id) + "/"
+    return join(as_folder(destination) + JOB_AREA, job_id) + "/"
+
+
+def new_holder() -> str:
+    """A driver's lease holder id: host, pid and a random token (unique per driver run)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except ValueError:  # not UTF-8 or not JSON
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The content of lease.json: which driver works on the job, and until when."""
+
+    holder: str
+    job_id: str
+    destination: str
+    acquired_at: float
+    expires_at: float
+
+    @property
+    def live(self) -> bool:
+        return self.expires_at > time.time()
+
+    def describe(self) -> str:
+        return f"{self.holder} (lease expires {_when(self.expires_at)})"
+
+    def to_json(self) -> bytes:
+        return json.dumps({"holder": self.holder, "job_id": self.job_id,
+                           "destination": self.destination, "acquired_at": self.acquired_at,
+                           "expires_at": self.expires_at}).encode()
+
+
+class LeaseKeeper:
+    """Renews a held lease every ttl/3 on a daemon thread; ``lost`` says another driver took
+    it over (this one was presumed dead), and the pool stops dispatching then."""
+
+    def __init__(self, ledger: Ledger, ttl: float) -> None:
+        self.ledger, self.ttl = ledger, ttl
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.ledger.renew_lease(self.ttl)
+            except ConfigError as exc:
+                self.lost = str(exc)
+                log.error("%s", exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup: try again next time
+                log.warning("could not renew the job lease: %s", exc)
+
+    def stop(self) -> None:
+        """Stop renewing and release the lease (it stays for its ttl if the delete fails)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.ttl)
+        try:
+            self.ledger.release_lease()
+        except Exception as exc:  # noqa: BLE001 - it expires by itself
+            log.warning("could not release the job lease (it expires by itself): %s", exc)
 
 
 def _shard_name(shard_id: int) -> str:
@@ -246,6 +346,8 @@ class Ledger:
         self.job_root = as_folder(job_root)
         self._job: dict[str, Any] | None = None
         self.index_stale = 0
+        self.holder: str | None = None
+        """This driver's lease holder id while it holds lease.json (``acquire_lease``)."""
 
     def _path(self, *parts: str) -> str:
         return self.job_root + "/".join(parts)
@@ -254,18 +356,65 @@ class Ledger:
 
     @classmethod
     def create(cls, storage: Storage, config: JobConfig, job_id: str,
-               model_info: dict[str, Any]) -> Ledger:
-        """Plan the job: stream the source into shard files, then write job.json."""
+               model_info: dict[str, Any], *, hold_lease: bool = False) -> Ledger:
+        """Plan the job: claim the job root, stream the source into shard files, then write
+        job.json. ``hold_lease``: also take lease.json right after the claim (a driver does,
+        so a concurrent job on the same destination sees this one while it plans)."""
         if not config.job_root:
             raise ConfigError("job_root is not set; call with a planned job root")
         if not config.source or not config.destination:
             raise ConfigError("a job needs a source and a destination: "
                               "deblur run SOURCE DESTINATION")
         ledger = cls(storage, config.job_root)
-        if storage.exists(ledger._path("job.json")):
+        if storage.exists(ledger._path(JOB_NAME)):
             raise ConfigError(f"a job already exists at {ledger.job_root}; choose another "
                               f"--job-root or resume it with --resume")
-        batches, planner = plan_rows(config.source, config.destination, storage, config.codec)
+        ledger._claim(job_id)
+        try:
+            if hold_lease:
+                ledger.acquire_lease(config.scheduler.lease_ttl_s, job_id=job_id,
+                                     destination=config.destination)
+            job = ledger._plan(config, job_id, model_info)
+        except BaseException:
+            # Planning failed (an empty source, storage down): free the job root again.
+            for name in (LEASE_NAME, CLAIM_NAME):
+                try:
+                    storage.delete(ledger._path(name))
+                except Exception as exc:  # noqa: BLE001 - the first error is the one to show
+                    log.warning("could not remove %s: %s", ledger._path(name), exc)
+            raise
+        ledger._job = job
+        return ledger
+
+    def _claim(self, job_id: str) -> None:
+        """Create claim.json (put-if-absent) before anything else is written here."""
+        token = secrets.token_hex(8)
+        claim = {"job_id": job_id, "host": socket.gethostname(), "pid": os.getpid(),
+                 "time": time.time(), "token": token}
+        uri = self._path(CLAIM_NAME)
+        try:
+            self.storage.put_if_absent(uri, json.dumps(claim).encode())
+            return
+        except AlreadyExistsError:
+            pass
+        try:
+            found = _json_object(self.storage.get(uri)) or {}
+        except NotFoundError:  # the winner gave up planning and freed it: still not ours
+            found = {}
+        # A retried conditional PUT can find its own first attempt (the reply was lost).
+        if found.get("job_id") == job_id and found.get("token") == token:
+            return
+        who = (f"job {found.get('job_id')!r} (host {found.get('host')}, pid "
+               f"{found.get('pid')}, {_when(float(found.get('time') or 0))})"
+               if found else "another driver")
+        raise ConfigError(f"job root {self.job_root} is already claimed by {who}; use a "
+                          f"different --job-root (or, if that planning died, delete {uri})")
+
+    def _plan(self, config: JobConfig, job_id: str, model_info: dict[str, Any]
+              ) -> dict[str, Any]:
+        storage = self.storage
+        batches, planner = plan_rows(config.source, config.destination, storage, config.codec,
+                                     job=config)
         shards = 0
         # Shard files upload in parallel (a million rows is a thousand objects on S3), with a
         # bounded number in flight so planning memory stays flat.
@@ -273,8 +422,8 @@ class Ledger:
             in_flight: list[Any] = []
             for table in iter_shards(batches, config.shard_size):
                 data = _parquet_bytes(table)
-                in_flight.append(pool.submit(storage.put, ledger._path("shards",
-                                                                        _shard_name(shards)),
+                in_flight.append(pool.submit(storage.put, self._path("shards",
+                                                                      _shard_name(shards)),
                                              data))
                 shards += 1
                 if len(in_flight) >= 2 * UPLOAD_THREADS:
@@ -291,17 +440,16 @@ class Ledger:
                "rows": counts.rows, "shards": shards, "plan": counts.to_dict(),
                "model": model_info, "config": config.to_dict()}
         try:
-            storage.put_if_absent(ledger._path("job.json"),
+            storage.put_if_absent(self._path(JOB_NAME),
                                   json.dumps(job, indent=2, default=str).encode())
         except AlreadyExistsError:
             # A retried conditional PUT can find its own first attempt (the reply was lost).
-            if json.loads(storage.get(ledger._path("job.json"))).get("job_id") == job_id:
-                ledger._job = job
-                return ledger
-            raise ConfigError(f"another driver planned a job at {ledger.job_root} at the same "
+            found = _json_object(storage.get(self._path(JOB_NAME))) or {}
+            if found.get("job_id") == job_id:
+                return job
+            raise ConfigError(f"another driver planned a job at {self.job_root} at the same "
                               f"time; use a different --job-root") from None
-        ledger._job = job
-        return ledger
+        return job
 
     @classmethod
     def open(cls, storage: Storage, job_root: str) -> Ledger:
@@ -311,12 +459,23 @@ class Ledger:
 
     def job(self) -> dict[str, Any]:
         if self._job is None:
+            uri = self._path(JOB_NAME)
             try:
-                data = self.storage.get(self._path("job.json"))
+                data = self.storage.get(uri)
             except NotFoundError:
                 raise ConfigError(f"no job at {self.job_root} (no job.json): check the job "
                                   f"root that `deblur run` printed") from None
-            self._job = json.loads(data)
+            job = _json_object(data)
+            if job is None:
+                problem = f"not a JSON object ({len(data)} bytes starting {data[:8]!r})"
+            else:
+                missing = [key for key in _JOB_KEYS if key not in job]
+                problem = f"missing {', '.join(missing)}" if missing else ""
+            if problem:
+                raise ConfigError(f"job.json at {uri} is not a deblur job file (corrupt or "
+                                  f"overwritten): {problem}; restore it from a backup, or "
+                                  f"plan the job again under a new --job-root")
+            self._job = job
         return self._job
 
     def config(self) -> JobConfig:
@@ -538,21 +697,177 @@ class Ledger:
     def clear_cancel(self) -> None:
         self.storage.delete(self._path("cancel"))
 
+    # -- the lease: which driver is working on the job --------------------------------------
+
+    def read_lease(self) -> Lease | None:
+        """lease.json, or None; an unreadable one reads as expired (it can be taken over)."""
+        try:
+            data = self.storage.get(self._path(LEASE_NAME))
+        except NotFoundError:
+            return None
+        found = _json_object(data) or {}
+        try:
+            return Lease(holder=str(found["holder"]), job_id=str(found.get("job_id", "")),
+                         destination=str(found.get("destination", "")),
+                         acquired_at=float(found.get("acquired_at", 0.0)),
+                         expires_at=float(found["expires_at"]))
+        except (KeyError, TypeError, ValueError):
+            return Lease(holder="(unreadable lease.json)", job_id="", destination="",
+                         acquired_at=0.0, expires_at=0.0)
+
+    def live_lease(self) -> Lease | None:
+        """The lease of a driver working on the job now (unexpired), or None."""
+        lease = self.read_lease()
+        return lease if lease is not None and lease.live else None
+
+    def acquire_lease(self, ttl: float, *, job_id: str | None = None,
+                      destination: str | None = None) -> Lease:
+        """Hold lease.json for ``ttl`` seconds (renew it if this ledger holds it already).
+
+        Raises ConfigError while another driver holds a live lease; takes over an expired one
+        (delete, then put-if-absent: of two takers only one creates it; see the module doc
+        for the window that remains).
+        """
+        holder = self.holder or new_holder()
+        uri = self._path(LEASE_NAME)
+        current = self.read_lease()
+        if current is not None and current.holder != holder:
+            if current.live:
+                until = _when(current.expires_at)
+                raise ConfigError(
+                    f"another driver is running this job ({self.job_root}): {current.holder} "
+                    f"holds its lease until {until}; wait or, if it is dead, wait until "
+                    f"{until} and retry (`deblur cancel {self.job_root}` stops a live one)")
+            log.warning("taking over the lease of %s, which expired at %s (driver gone)",
+                        current.holder, _when(current.expires_at))
+            self.storage.delete(uri)
+        now = time.time()
+        lease = Lease(holder=holder,
+                      job_id=job_id if job_id is not None else self.job()["job_id"],
+                      destination=(destination if destination is not None
+                                   else self.job()["destination"]),
+                      acquired_at=now, expires_at=now + ttl)
+        if current is not None and current.holder == holder:
+            self.storage.put(uri, lease.to_json())  # a renewal of our own lease
+        else:
+            try:
+                self.storage.put_if_absent(uri, lease.to_json())
+            except AlreadyExistsError:
+                found = self.read_lease()
+                # A retried conditional PUT can find its own first attempt.
+                if found is None or found.holder != holder:
+                    who = found.describe() if found else "another driver"
+                    raise ConfigError(f"another driver took over the job at {self.job_root} "
+                                      f"at the same time: {who}; wait for it or retry "
+                                      f"after its lease expires") from None
+        self.holder = holder
+        return lease
+
+    def renew_lease(self, ttl: float) -> Lease:
+        """Push our lease's expiry to now + ttl; ConfigError if another driver took it."""
+        current = self.read_lease()
+        if current is not None and current.holder != self.holder:
+            raise ConfigError(f"lost the lease of {self.job_root} to {current.describe()} "
+                              f"(this driver was presumed dead): stopping dispatch")
+        return self.acquire_lease(ttl)
+
+    def release_lease(self) -> None:
+        """Delete lease.json if this ledger holds it."""
+        if self.holder is None:
+            return
+        current = self.read_lease()
+        if current is not None and current.holder == self.holder:
+            self.storage.delete(self._path(LEASE_NAME))
+        self.holder = None
+
+    def keep_lease(self, ttl: float) -> LeaseKeeper:
+        """Acquire the lease and renew it every ttl/3 until ``LeaseKeeper.stop``."""
+        self.acquire_lease(ttl)
+        return LeaseKeeper(self, ttl).start()
+
 
 def list_jobs(storage: Storage, destination: str) -> list[dict[str, Any]]:
-    """Every job recorded under DESTINATION/_deblur/, oldest first, with its counts."""
-    root = as_folder(destination) + "_deblur/"
+    """Every job recorded under DESTINATION/_deblur/, oldest first, with its counts.
+
+    A job whose job.json is not a deblur job file is listed with ``corrupt`` (the reason)
+    instead of its counts; the others are listed as usual.
+    """
+    root = as_folder(destination) + JOB_AREA + "/"
     jobs = []
     try:
-        infos = [i for i in storage.list(root, (".json",)) if i.key.endswith("/job.json")
+        infos = [i for i in storage.list(root, (".json",)) if i.key.endswith("/" + JOB_NAME)
                  and i.key.count("/") == 1]
     except NotFoundError:
         return []
     for info in infos:
-        ledger = Ledger(storage, info.uri[: -len("job.json")])
-        job = ledger.job()
+        ledger = Ledger(storage, info.uri[: -len(JOB_NAME)])
+        try:
+            job = ledger.job()
+        except ConfigError as exc:
+            jobs.append({"job_id": info.key.split("/", 1)[0], "job_root": ledger.job_root,
+                         "created_at": None, "corrupt": str(exc)})
+            continue
         jobs.append({"job_id": job["job_id"], "job_root": ledger.job_root,
                      "created_at": job["created_at"], "source": job["source"],
                      "rows": job["rows"], "shards": job["shards"],
                      "shards_done": len(ledger.done_shards())})
-    return sorted(jobs, key=lambda j: j["created_at"])
+    return sorted(jobs, key=lambda j: (j["created_at"] is not None, j["created_at"] or 0))
+
+
+def _same_form(prefix: str) -> str:
+    """A prefix as a folder, local paths made absolute, so two spellings compare equal."""
+    if not prefix.startswith("s3://"):
+        from deblur.io.storage import to_local_path
+
+        prefix = os.path.abspath(to_local_path(prefix))
+    return as_folder(prefix)
+
+
+def prefixes_overlap(a: str, b: str) -> bool:
+    """Whether one prefix equals, contains or lies inside the other."""
+    a, b = _same_form(a), _same_form(b)
+    return a.startswith(b) or b.startswith(a)
+
+
+def _ancestors(prefix: str) -> list[str]:
+    out = []
+    current = prefix.rstrip("/")
+    while True:
+        head, sep, _ = current.rpartition("/")
+        if not sep or not head or head.endswith((":", ":/", "//")):
+            return out
+        out.append(head)
+        current = head
+
+
+def live_jobs_overlapping(storage: Storage, destination: str, job_root: str | None = None
+                          ) -> list[tuple[str, Lease]]:
+    """Jobs with a live lease whose destination overlaps ``destination`` (equal, inside or
+    containing), found in the ``_deblur/`` areas of DESTINATION and of each folder above it
+    (a containing job's default area), and in the area that holds ``job_root``.
+
+    Not found: a live job whose root lies in some other area (e.g. a job on DEST/sub with its
+    default root DEST/sub/_deblur/…); finding those would mean listing all of DEST.
+    """
+    areas = [as_folder(p) + JOB_AREA + "/" for p in [destination, *_ancestors(destination)]]
+    own = as_folder(job_root) if job_root else None
+    if own:
+        parent = own.rstrip("/").rpartition("/")[0] + "/"
+        if parent.rstrip("/").endswith("/" + JOB_AREA) and parent not in areas:
+            areas.append(parent)
+    found: list[tuple[str, Lease]] = []
+    for area in areas:
+        try:
+            infos = [i for i in storage.list(area, (".json",))
+                     if i.key.endswith("/" + LEASE_NAME) and i.key.count("/") == 1]
+        except NotFoundError:
+            continue
+        for info in infos:
+            ledger = Ledger(storage, info.uri[: -len(LEASE_NAME)])
+            if own is not None and _same_form(ledger.job_root) == _same_form(own):
+                continue
+            lease = ledger.live_lease()
+            if lease is not None and lease.destination and prefixes_overlap(
+                    lease.destination, destination):
+                found.append((ledger.job_root, lease))
+    return found

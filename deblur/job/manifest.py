@@ -5,12 +5,30 @@ A job's source is either a manifest object or a prefix/folder that is listed:
 - ``*.parquet``: column ``key`` (or ``uri``), optional ``output_key`` and ``reference``;
 - ``*.csv``: the same columns, with a header row;
 - ``*.jsonl`` / ``*.ndjson``: one object per line with the same fields;
-- ``*.txt``: one key per line;
+- ``*.txt``: one key per line. Lines end at ``\n`` (a ``\r`` before it is dropped) and nowhere
+  else: Unicode line separators (U+2028, U+0085, …) are part of a key. A key keeps its
+  surrounding spaces as written (nothing is stripped); only empty lines and lines starting
+  with ``#`` are skipped;
 - anything else is a prefix: its image objects (by extension) are listed, page by page.
 
 Keys in a manifest are full URIs (``s3://…``, ``file://…``, absolute paths) or relative to the
 manifest's folder. Each row's *relative key* (relative to the source prefix, or the key within
 its bucket for a URI elsewhere) is joined under the destination to form the output key.
+
+Keys from a *listing* (a listed prefix, or a Parquet listing written by ``deblur manifest``,
+which records its prefix) are literal keys in the listed bucket/folder, always: a key such as
+``/etc/x.png``, ``file:///x.png`` or ``s3://other/x.png`` under ``s3://src/in/`` names the object
+``s3://src/in//etc/x.png`` (and so on), never another file or bucket. Only manifest entries may
+be URIs or absolute paths, and those must lie under an allowed prefix (``allow_prefixes``;
+default: the manifest's own folder or S3 prefix, SOURCE and DESTINATION), compared
+on normalised URIs (``..`` resolved, ``//`` collapsed, ``file://`` equal to a plain path), or
+the row fails as ``outside_source``.
+
+Local listings: a symbolic link that dangles or loops is a failed row (``broken_link``); one
+that resolves outside the source folder is a failed row (``outside_source``) unless
+``follow_links``. A row whose output is its own input (DEST == SRC, or an ``output_key`` naming
+the input) fails as ``would_overwrite_input`` unless ``overwrite_inputs``. A folder job whose
+destination lies inside its source is refused (``ConfigError``) before anything is written.
 
 Manifest-level problems raise ``ManifestError`` at once, naming the file and the fix. Row-level
 problems never stop the job and are never dropped: the row is planned with an ``error`` of the
@@ -24,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,8 +51,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deblur.io import codec
-from deblur.config import CodecConfig
-from deblur.errors import ManifestError, StorageError, one_line
+from deblur.config import CodecConfig, JobConfig
+from deblur.errors import ConfigError, ManifestError, StorageError, one_line
 from deblur.io.storage import Storage, as_folder, is_s3, join, parse_s3, to_local_path
 
 MAX_KEY_BYTES = 1024  # S3's limit on a key
@@ -41,6 +60,7 @@ BATCH_ROWS = 65_536
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".txt")
 KEY_COLUMNS = ("key", "uri")
 BASE_METADATA = b"deblur.base"
+JOB_AREA = "_deblur/"  # the default job root's folder under DEST (deblur.job.ledger.JOB_AREA)
 
 SHARD_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),
@@ -80,14 +100,21 @@ def source_prefix(source: str) -> str:
 
 
 def read_batches(source: str, storage: Storage) -> tuple[str, Iterator[pa.RecordBatch]]:
+    """(base prefix for relative keys, stream of batches); see ``_read_source``."""
+    base, batches, _ = _read_source(source, storage)
+    return base, batches
+
+
+def _read_source(source: str, storage: Storage
+                 ) -> tuple[str, Iterator[pa.RecordBatch], bool]:
     """(base prefix for relative keys, stream of batches with a ``key`` column and extras).
 
     The base is the manifest's folder, or the prefix a ``deblur manifest`` listing recorded in
     its Parquet metadata (``deblur.base``), so a listing stored elsewhere still maps keys
-    relative to the listed prefix.
+    relative to the listed prefix. The flag says the keys are literal (a listing's).
     """
     if not is_manifest(source):
-        return as_folder(source), _listing_batches(source, storage)
+        return as_folder(source), _listing_batches(source, storage), True
     try:
         data = storage.get(source)
     except StorageError as exc:
@@ -98,6 +125,7 @@ def read_batches(source: str, storage: Storage) -> tuple[str, Iterator[pa.Record
                             f"image key")
     lower = source.lower()
     base = source_prefix(source)
+    literal = False
     if lower.endswith(".parquet"):
         try:
             reader = pq.ParquetFile(io.BytesIO(data))
@@ -106,7 +134,8 @@ def read_batches(source: str, storage: Storage) -> tuple[str, Iterator[pa.Record
                                 f"{one_line(exc)}") from None
         recorded = (reader.schema_arrow.metadata or {}).get(BASE_METADATA)
         base = as_folder(recorded.decode()) if recorded else base
-    return base, _parse(source, data)
+        literal = bool(recorded)  # written by write_listing: its keys are listed keys
+    return base, _parse(source, data), literal
 
 
 def _parse(source: str, data: bytes) -> Iterator[pa.RecordBatch]:
@@ -161,10 +190,13 @@ def _json_batches(data: bytes) -> Iterator[pa.RecordBatch]:
 
 
 def _text_batches(data: bytes) -> Iterator[pa.RecordBatch]:
+    """One key per ``\n``-terminated line (``\r\n`` too), kept exactly as written: not
+    ``str.splitlines`` (which also splits at U+2028, U+0085, …), and no stripping."""
     text = data.decode("utf-8")
     lines: list[str] = []
-    for line in text.splitlines():
-        line = line.strip()
+    for line in text.split("\n"):
+        if line.endswith("\r"):
+            line = line[:-1]
         if line and not line.startswith("#"):
             lines.append(line)
             if len(lines) == BATCH_ROWS:
@@ -195,22 +227,38 @@ def _normalise(batch: pa.RecordBatch, source: str) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(columns)
 
 
-def _listing_batches(prefix: str, storage: Storage,
-                     skip: str | None = None) -> Iterator[pa.RecordBatch]:
+def _listing_batches(prefix: str, storage: Storage, skip: str | None = None,
+                     follow_links: bool | None = None) -> Iterator[pa.RecordBatch]:
+    """Listed keys (relative to ``prefix``, literal), with an ``error`` column for local
+    symbolic links that must not be read (``local.link_problem``). ``skip``: a relative
+    folder not to list; ``follow_links`` None leaves links resolving outside to the worker."""
+    from deblur.io.local import link_problem
+
     keys: list[str] = []
+    errors: list[str | None] = []
+    root = None if is_s3(prefix) else to_local_path(prefix)
+
+    def batch() -> pa.RecordBatch:
+        return pa.RecordBatch.from_pydict({"key": pa.array(keys, pa.string()),
+                                           "error": pa.array(errors, pa.string())})
+
     try:
         for info in storage.list(prefix, codec.IMAGE_EXTENSIONS):
-            if skip and info.uri.startswith(skip):
+            if skip and info.key.startswith(skip):
                 continue
+            error = None
+            if root is not None and (info.etag is None or follow_links is not None):
+                error = link_problem(info.uri, root, bool(follow_links))
             keys.append(info.key)
+            errors.append(error)
             if len(keys) == BATCH_ROWS:
-                yield pa.RecordBatch.from_pydict({"key": pa.array(keys, pa.string())})
-                keys = []
+                yield batch()
+                keys, errors = [], []
     except StorageError as exc:
         raise ManifestError(f"cannot list source {prefix}: {exc}; check the prefix and "
                             f"permissions") from None
     if keys:
-        yield pa.RecordBatch.from_pydict({"key": pa.array(keys, pa.string())})
+        yield batch()
 
 
 # -- validation and output keys ------------------------------------------------------------
@@ -229,6 +277,54 @@ def _relative(key: str, base: str) -> tuple[str, str]:
             return path, path[len(local_base):]
         return path, path.lstrip("/")
     return join(base, key), key
+
+
+def _is_absolute(key: str) -> bool:
+    """Whether a manifest entry names its object itself (a URI or an absolute path)."""
+    return is_s3(key) or key.startswith("file://") or key.startswith("/")
+
+
+def normalise_uri(uri: str) -> str:
+    """One spelling per object, for comparing prefixes: ``..`` and ``.`` resolved, ``//``
+    collapsed, ``file:///a`` == ``/a``, relative local paths made absolute, no trailing
+    slash. Only for comparisons: the object read is the one the row names."""
+    if is_s3(uri):
+        bucket, _, key = uri[5:].partition("/")
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"s3://{bucket}/{key}".rstrip("/") if key else f"s3://{bucket}"
+    path = to_local_path(uri)
+    if not path.startswith("/"):
+        path = os.path.abspath(path)
+    path = "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading "//"
+    return path.rstrip("/") or "/"
+
+
+def within(uri: str, prefix: str) -> bool:
+    """Whether ``uri`` is ``prefix`` or lies under it, both normalised (``normalise_uri``)."""
+    return uri == prefix or uri.startswith(prefix.rstrip("/") + "/")
+
+
+def default_allowed_prefixes(source: str, destination: str) -> tuple[str, ...]:
+    """SOURCE and DESTINATION as given, and for a manifest its own folder (S3 prefix or local
+    folder; not its whole bucket)."""
+    allowed = [source, destination]
+    if is_manifest(source):
+        allowed.append(source_prefix(source))
+    return tuple(allowed)
+
+
+def check_destination(source: str, destination: str) -> None:
+    """Refuse a folder job whose destination lies inside its source (its outputs would be
+    listed as inputs on the next run). DEST == SOURCE is an in-place job, checked per row."""
+    if not source or not destination or is_manifest(source):
+        return
+    src, dest = normalise_uri(source), normalise_uri(destination)
+    if dest != src and within(dest, src):
+        raise ConfigError(
+            f"destination {destination} is inside source {source}: its outputs would be read "
+            f"back as inputs by the next listing. Choose a destination outside the source "
+            f"folder (e.g. a sibling), or the source folder itself with --overwrite-inputs to "
+            f"replace images in place")
 
 
 def _digest(text: str) -> int:
@@ -261,12 +357,31 @@ def normalise_output(rel: str) -> str:
 
 
 class RowPlanner:
-    """Turns manifest batches into shard rows; keeps only digests between batches."""
+    """Turns manifest batches into shard rows; keeps only digests between batches.
 
-    def __init__(self, base: str, destination: str, codec_config: CodecConfig) -> None:
+    Args:
+        base: the prefix relative keys resolve against.
+        destination: the output prefix.
+        codec_config: output format (output key extensions).
+        literal: keys come from a listing: each is a literal key under ``base``, never a URI.
+        allowed: prefixes absolute/URI manifest entries must lie under; None checks nothing.
+        overwrite_inputs: the job's setting; None leaves the check to the worker (which
+            checks it before reading anyway). Links are checked while listing.
+        job_root: this job's root; no output may fall inside it, nor inside DEST/_deblur/
+            (where every default job root lives).
+    """
+
+    def __init__(self, base: str, destination: str, codec_config: CodecConfig, *,
+                 literal: bool = False, allowed: tuple[str, ...] | None = None,
+                 overwrite_inputs: bool | None = None, job_root: str | None = None) -> None:
         self.base = as_folder(base)
         self.destination = as_folder(destination)
         self.codec = codec_config
+        self.literal = literal
+        self.allowed = allowed
+        self.allowed_norm = tuple(normalise_uri(p) for p in allowed or ())
+        self.overwrite_inputs = overwrite_inputs
+        self.job_root = as_folder(job_root) if job_root else None
         self.seen_inputs: set[int] = set()
         self.seen_outputs: set[int] = set()
         self.counts = PlanCounts()
@@ -279,11 +394,13 @@ class RowPlanner:
             else None
         refs = batch.column("reference").to_pylist() if "reference" in batch.schema.names \
             else None
+        pre = batch.column("error").to_pylist() if "error" in batch.schema.names else None
         row_ids, inputs, outputs, errors, references = [], [], [], [], []
         for i, key in enumerate(keys):
             row_id = self.counts.rows
             self.counts.rows += 1
-            uri, out_uri, error = self._row(key, outs[i] if outs else None)
+            uri, out_uri, error = self._row(key, outs[i] if outs else None,
+                                            pre[i] if pre else None)
             if error:
                 reason = error.split(":", 1)[0]
                 self.counts.invalid[reason] = self.counts.invalid.get(reason, 0) + 1
@@ -298,13 +415,26 @@ class RowPlanner:
              pa.array(outputs, pa.string()), pa.array(references, pa.string()),
              pa.array(errors, pa.string())], schema=SHARD_SCHEMA)
 
-    def _row(self, key: str | None, output: str | None) -> tuple[str, str, str | None]:
+    def _row(self, key: str | None, output: str | None,
+             pre_error: str | None = None) -> tuple[str, str, str | None]:
         if key is None or not key.strip():
             return "", "", "invalid_key: empty key in the manifest"
         shown = repr(key[:200])
         if "\x00" in key:
             return key.replace("\x00", "\\0"), "", f"invalid_key: {shown} contains a NUL byte"
-        uri, rel = _relative(key, self.base)
+        if self.literal:  # a listed key: the object under the listed prefix, never a URI
+            uri = (self.base if is_s3(self.base) else to_local_path(self.base)) + key
+            rel = key
+        else:
+            uri, rel = _relative(key, self.base)
+        if pre_error:
+            return uri, "", pre_error
+        if self.allowed is not None and not self.literal and _is_absolute(key):
+            norm = normalise_uri(uri)
+            if not any(within(norm, p) for p in self.allowed_norm):
+                return uri, "", (f"outside_source: {shown} is outside the allowed prefixes "
+                                 f"{', '.join(self.allowed)}; not read. Add --allow-prefix "
+                                 f"PREFIX to read entries there")
         problem = _check_relative(rel)
         if problem:
             return uri, "", f"{problem.split(': ', 1)[0]}: {shown} {problem.split(': ', 1)[1]}"
@@ -329,21 +459,64 @@ class RowPlanner:
             return uri, "", (f"output_collision: {shown} maps to output {out_rel!r}, which an "
                              f"earlier row already writes")
         self.seen_outputs.add(out_digest)
-        return uri, join(self.destination, out_rel), None
+        out_uri = join(self.destination, out_rel)
+        reserved = self._in_job_root(out_rel, out_uri)
+        if reserved:
+            return uri, "", (f"reserved_output: {shown}: its output {out_uri} lies inside the "
+                             f"job root {reserved}, which only the ledger writes; choose "
+                             f"another output_key")
+        if self.overwrite_inputs is False and overwrites_input(uri, out_uri):
+            return uri, "", would_overwrite(uri, out_uri)
+        return uri, out_uri, None
 
 
-def plan_rows(source: str, destination: str, storage: Storage,
-              codec_config: CodecConfig) -> tuple[Iterator[pa.RecordBatch], RowPlanner]:
-    """Validated shard rows (as batches) for the whole source, and the planner's counts."""
+    def _in_job_root(self, out_rel: str, out_uri: str) -> str | None:
+        """The job root an output would fall in: DEST/_deblur/ (every default job root under
+        DEST) or this job's own root, wherever --job-root put it."""
+        if out_rel.split("/", 1)[0] + "/" == JOB_AREA:
+            return join(self.destination, JOB_AREA)
+        if self.job_root and within(normalise_uri(out_uri), normalise_uri(self.job_root)):
+            return self.job_root
+        return None
+
+
+def overwrites_input(uri: str, out_uri: str) -> bool:
+    """Whether a row's output object is its input object (compared normalised)."""
+    return normalise_uri(uri) == normalise_uri(out_uri)
+
+
+def would_overwrite(uri: str, out_uri: str) -> str:
+    return (f"would_overwrite_input: {uri}: its output {out_uri} is the input itself; not "
+            f"written. Choose another destination, or pass --overwrite-inputs to replace "
+            f"inputs in place (originals are kept under the job root)")
+
+
+def plan_rows(source: str, destination: str, storage: Storage, codec_config: CodecConfig,
+              *, job: JobConfig | None = None
+              ) -> tuple[Iterator[pa.RecordBatch], RowPlanner]:
+    """Validated shard rows (as batches) for the whole source, and the planner's counts.
+
+    ``job`` supplies ``allow_prefixes``, ``follow_links`` and ``overwrite_inputs``; without it
+    absolute/URI manifest entries are checked against the default prefixes
+    (``default_allowed_prefixes``) and the other two are left to the worker, which checks
+    them before it reads.
+    """
+    check_destination(source, destination)
+    allowed = (job.allow_prefixes if job is not None and job.allow_prefixes
+               else default_allowed_prefixes(source, destination))
+    follow = job.follow_links if job is not None else None
+    overwrite = job.overwrite_inputs if job is not None else None
     if is_manifest(source):
-        base, batches = read_batches(source, storage)
+        base, batches, literal = _read_source(source, storage)
     else:
-        base = as_folder(source)
+        base, literal = as_folder(source), True
         skip = None
-        if as_folder(destination).startswith(base):
-            skip = as_folder(destination)  # in-place jobs must not list their own outputs
-        batches = _listing_batches(source, storage, skip)
-    planner = RowPlanner(base, destination, codec_config)
+        if normalise_uri(source) == normalise_uri(destination):
+            skip = JOB_AREA  # in place: never list the job area (default job roots)
+        batches = _listing_batches(source, storage, skip, follow)
+    planner = RowPlanner(base, destination, codec_config, literal=literal, allowed=allowed,
+                         overwrite_inputs=overwrite,
+                         job_root=job.job_root if job is not None else None)
     return (planner.plan(b) for b in batches), planner
 
 

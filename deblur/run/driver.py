@@ -63,22 +63,28 @@ def start_ray(config: JobConfig) -> None:
 
 
 def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
-                 job_id: str | None = None) -> Ledger:
+                 job_id: str | None = None, force: bool = False) -> Ledger:
     """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``.
 
     ``job_id`` names a new job (``deblur submit`` picks it so the job root is known before the
-    cluster starts); default: UTC time + random.
+    cluster starts); default: UTC time + random. The returned ledger holds the job's lease
+    (``execute`` keeps renewing it): resuming refuses a job another live driver holds. A new
+    job whose destination overlaps that of a live job is refused unless ``force``.
     """
     from deblur.errors import ConfigError
     from deblur.model.weights import provenance
-    from deblur.job.ledger import check_job_id, default_job_root, new_job_id
+    from deblur.job.ledger import (JOB_NAME, check_job_id, default_job_root,
+                                   live_jobs_overlapping, new_job_id)
 
-    if config.job_root and storage.exists(config.job_root.rstrip("/") + "/job.json"):
+    ttl = config.scheduler.lease_ttl_s
+    if config.job_root and storage.exists(config.job_root.rstrip("/") + "/" + JOB_NAME):
         if not resume:
             raise ConfigError(
                 f"a job already exists at {config.job_root}: pass --resume to finish it, or "
                 f"`deblur rerun {config.job_root}` to retry its failed rows")
-        return Ledger.open(storage, config.job_root)
+        ledger = Ledger.open(storage, config.job_root)
+        ledger.acquire_lease(ttl)
+        return ledger
     if resume and config.job_root is None:
         raise ConfigError("--resume needs --job-root: the job to resume")
     job_id = check_job_id(job_id) if job_id else new_job_id()
@@ -86,7 +92,17 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
         from dataclasses import replace
 
         config = replace(config, job_root=default_job_root(config.destination, job_id))
-    return Ledger.create(storage, config, job_id=job_id, model_info=provenance(config.model))
+    live = live_jobs_overlapping(storage, config.destination, config.job_root)
+    if live:
+        root, lease = live[0]
+        message = (f"job {lease.job_id} ({root}) is running on {lease.destination}, which "
+                   f"overlaps {config.destination}: held by {lease.describe()}")
+        if not force:
+            raise ConfigError(f"{message}; wait for it, `deblur cancel {root}`, or pass "
+                              f"--force to write into the same destination anyway")
+        log.warning("--force: %s", message)
+    return Ledger.create(storage, config, job_id=job_id, model_info=provenance(config.model),
+                         hold_lease=True)
 
 
 def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
@@ -112,9 +128,10 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
         if on_progress is not None:
             on_progress(progress)
 
+    lease = ledger.keep_lease(config.scheduler.lease_ttl_s)  # refuses another live driver
     try:
         start_ray(config)
-        pool = ActorPool(config, ledger, progressed, actor_class, metrics)
+        pool = ActorPool(config, ledger, progressed, actor_class, metrics, lease=lease)
         progress = pool.run(shards, rows)
         snapshots.maybe_write(progress, force=True)
         index = ledger.index()  # the index just written, checked against one listing
@@ -135,5 +152,6 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
         summary["model"] = model
         ledger.write_summary(summary)
     finally:
+        lease.stop()
         metrics.close()
     return JobOutcome(job_root=ledger.job_root, progress=progress, status=status)

@@ -80,7 +80,8 @@ class ActorPool:
 
     def __init__(self, config: JobConfig, ledger: Ledger,
                  on_progress: Callable[[Progress], None] | None = None,
-                 actor_class: Any | None = None, metrics: Any | None = None) -> None:
+                 actor_class: Any | None = None, metrics: Any | None = None,
+                 lease: Any | None = None) -> None:
         import ray
 
         from deblur.run.worker import WorkerActor
@@ -90,6 +91,7 @@ class ActorPool:
         self.ledger = ledger
         self.on_progress = on_progress or (lambda progress: None)
         self.metrics = metrics  # deblur.observe.metrics.JobMetrics, or None
+        self.lease = lease  # deblur.job.ledger.LeaseKeeper, or None
         sched = config.scheduler
         actor = actor_class or ray.remote(WorkerActor)
         self.actor_options = actor.options(
@@ -130,6 +132,10 @@ class ActorPool:
                         log.warning("cancel requested: stopping dispatch")
                         progress.cancelled = True
                         break
+                if self.lease is not None and self.lease.lost:
+                    log.error("stopping dispatch: %s", self.lease.lost)
+                    progress.cancelled = True
+                    break
                 self._scale()
                 self._dispatch()
                 self._wait(progress)

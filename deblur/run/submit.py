@@ -20,6 +20,7 @@ import asyncio
 import os
 import shlex
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,8 @@ CONFIG_NAME = "deblur-job.yaml"
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
               "RAY_AUTH_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 60.0  # how long a just-started head may take to bring its job agent up
 
 
 @dataclass(frozen=True)
@@ -139,14 +142,23 @@ def submit(config: JobConfig, address: str, *, job_id: str | None = None,
     with tempfile.TemporaryDirectory(prefix="deblur-submit-") as folder:
         Path(folder, CONFIG_NAME).write_text(
             yaml.safe_dump(config.to_dict(), sort_keys=False))
-        try:
-            jobs.submit_job(
-                entrypoint=command, submission_id=submission_id,
-                runtime_env={**env, "working_dir": folder, "env_vars": env_vars},
-                metadata={"deblur.job_id": job_id, "deblur.job_root": config.job_root or ""},
-                entrypoint_num_cpus=entrypoint_num_cpus)
-        except Exception as exc:
-            raise _translate(exc, address) from None
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                jobs.submit_job(
+                    entrypoint=command, submission_id=submission_id,
+                    runtime_env={**env, "working_dir": folder, "env_vars": env_vars},
+                    metadata={"deblur.job_id": job_id,
+                              "deblur.job_root": config.job_root or ""},
+                    entrypoint_num_cpus=entrypoint_num_cpus)
+                break
+            except Exception as exc:
+                # A head that just started answers 500 "No available agent" until its job
+                # agent is up: wait for it (bounded), as `ray job submit` users retry by hand.
+                if NO_AGENT in str(exc) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                raise _translate(exc, address) from None
     return Submission(submission_id=submission_id, job_id=job_id,
                       job_root=config.job_root or "", address=address, entrypoint=command)
 

@@ -36,7 +36,9 @@ from deblur.run.engine import Engine
 from deblur.config import JobConfig, parse_shape
 from deblur.errors import ImageError, NotFoundError, PipelineError, StorageError
 from deblur.job.ledger import RESULT_SCHEMA, Ledger
-from deblur.io.storage import Storage, get_storage
+from deblur.io.local import link_problem
+from deblur.io.storage import Storage, get_storage, is_s3, join, to_local_path
+from deblur.job.manifest import is_manifest, overwrites_input, would_overwrite
 
 log = logging.getLogger("deblur.run.worker")
 
@@ -51,6 +53,7 @@ class Item:
     timings: dict[str, float] = field(default_factory=dict)
     bytes_in: int = 0
     reference: str | None = None  # sharp ground truth URI (evaluation jobs)
+    original: str | None = None  # in-place rows: where the input's original is kept
 
     @property
     def pixels(self) -> np.ndarray:
@@ -107,7 +110,8 @@ class ShardProcessor:
         rows = pending.to_pylist()
         tries = {} if previous is None else dict(zip(previous["row_id"].to_pylist(),
                                                      previous["attempt"].to_pylist()))
-        items = [self._start(row, attempt + (tries.get(row["row_id"]) or 0)) for row in rows]
+        items = [self._start(row, attempt + (tries.get(row["row_id"]) or 0), job_root)
+                 for row in rows]
         results = [item.done.result() for item in items]
         summary = ledger.commit(shard_id, pa.Table.from_pylist(results, schema=RESULT_SCHEMA),
                                 planned_ids)
@@ -133,7 +137,7 @@ class ShardProcessor:
                 "seconds": wall, "worker": self.worker_id, "attempt": attempt,
                 "summary": summary, "metrics": metrics}
 
-    def _start(self, row: dict[str, Any], attempt: int) -> Item:
+    def _start(self, row: dict[str, Any], attempt: int, job_root: str = "") -> Item:
         base = {name: None for name in RESULT_SCHEMA.names}
         base.update(row_id=row["row_id"], key=row["key"], output_key=row["output_key"],
                     attempt=attempt, worker=self.worker_id)
@@ -142,9 +146,40 @@ class ShardProcessor:
             reason, _, message = row["error"].partition(": ")
             self._fail(item, ImageError(reason, message or row["error"]))
             return item
+        problem = self._source_problem(row)
+        if problem:
+            reason, _, message = problem.partition(": ")
+            self._fail(item, ImageError(reason, message))
+            return item
+        if overwrites_input(row["key"], row["output_key"]):
+            # Replaced in place: keep the original first, and on a rerun read it back, so an
+            # input already replaced by an earlier attempt is never deblurred twice.
+            item.original = join(job_root, f"originals/{row['row_id']}")
         self.engine.expect(1)
         self.decode_pool.submit(self._fetch_decode, item)
         return item
+
+    def _source_problem(self, row: dict[str, Any]) -> str | None:
+        """Re-check, just before reading, what planning checks (a job planned without these
+        settings, or a link changed since): in-place rows and links out of a local SOURCE."""
+        key, source = row["key"], self.config.source
+        if not self.config.overwrite_inputs and overwrites_input(key, row["output_key"]):
+            return would_overwrite(key, row["output_key"])
+        if not is_s3(key) and source and not is_s3(source) and not is_manifest(source):
+            return link_problem(to_local_path(key), to_local_path(source),
+                                self.config.follow_links)
+        return None
+
+    def _read_input(self, item: Item) -> bytes:
+        key = item.row["key"]
+        if item.original is None:
+            return self.storage.get(key)
+        try:
+            return self.storage.get(item.original)
+        except NotFoundError:
+            data = self.storage.get(key)
+            self.storage.put(item.original, data)  # before the output can replace the input
+            return data
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -152,7 +187,7 @@ class ShardProcessor:
         key = item.row["key"]
         try:
             start = time.perf_counter()
-            data = self.storage.get(key)
+            data = self._read_input(item)
             item.timings["fetch_ms"] = _ms(start)
             item.bytes_in = len(data)
             start = time.perf_counter()

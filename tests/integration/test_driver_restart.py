@@ -6,6 +6,7 @@ group (Ray's own processes included) the way a lost driver pod or a Ctrl-C would
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -19,18 +20,33 @@ from .helpers import (assert_each_row_once, kill_group, run_cli, start_driver,
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+LEASE_TTL_S = 15.0  # short, so the killed driver's lease expires within the test
+
+
 def test_killed_driver_resumes_without_redoing_finished_shards(tmp_path: Path) -> None:
     storage = Storage()
     src, root = str(tmp_path / "src"), str(tmp_path / "job")
     write_inputs(storage, src, 40, size=(96, 80))
+    config = tmp_path / "job.yaml"
+    config.write_text(f"scheduler:\n  lease_ttl_s: {LEASE_TTL_S}\n")
     args = ["run", src, str(tmp_path / "out"), "--random-weights", "--shard-size", "2",
-            "--job-root", root, "-q"]
+            "--job-root", root, "--config", str(config), "-q"]
     driver = start_driver(*args)
     try:
         done = wait_for_results(storage, root, 2, proc=driver)
     finally:
         kill_group(driver)
     ledger = Ledger.open(storage, root)
+    # The dead driver's lease is still live: a resume is refused until it expires (renewed
+    # every ttl/3, so at least 2/3 of the ttl was left at the kill; checked only while enough
+    # of it is left for the refused CLI to read it in time).
+    lease = ledger.read_lease()
+    assert lease is not None, "the killed driver held no lease"
+    if lease.expires_at - time.time() > 5.0:
+        refused = run_cli(*args, "--resume")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "another driver is running this job" in refused.stderr
+        assert lease.holder in refused.stderr
     finished = ledger.done_shards()
     assert len(finished) < len(ledger.shard_ids()), "the job ended before the kill"
     before = {}
@@ -40,9 +56,11 @@ def test_killed_driver_resumes_without_redoing_finished_shards(tmp_path: Path) -
     assert done >= 2 and before
     again = run_cli(*args)
     assert "a job already exists" in again.stderr and again.returncode == 2
+    time.sleep(max(0.0, lease.expires_at - time.time()) + 0.5)
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_each_row_once(ledger, 40)
+    assert ledger.read_lease() is None, "the resumed driver did not release its lease"
     for output, mtime in before.items():
         assert Path(output).stat().st_mtime_ns == mtime, f"{output} was redone"
 
@@ -57,6 +75,7 @@ def test_cancel_stops_dispatch_and_rerun_completes(tmp_path: Path) -> None:
         wait_for_results(storage, root, 1, proc=driver)
         cancelled = run_cli("cancel", root)
         assert cancelled.returncode == 0, cancelled.stderr
+        assert "live driver" in cancelled.stdout, cancelled.stdout  # cancel is for live jobs
         output, _ = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
@@ -65,6 +84,7 @@ def test_cancel_stops_dispatch_and_rerun_completes(tmp_path: Path) -> None:
     assert "deblur rerun" in output
     status = Ledger.open(storage, root).status()
     assert status.pending > 0
+    assert Ledger.open(storage, root).read_lease() is None, "the stopped driver kept its lease"
     finished = run_cli("rerun", root, "-q")
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert_each_row_once(Ledger.open(storage, root), 30)

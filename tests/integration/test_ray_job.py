@@ -54,7 +54,7 @@ def test_end_to_end_on_moto_s3(local_ray: None, s3_bucket: str, storage: Storage
 
 
 def test_missing_weights_refuse_to_start(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["run", str(tmp_path), str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "src"), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "--random-weights" in result.output
 

@@ -144,12 +144,12 @@ def test_submit_without_the_right_token_is_refused(head: dict[str, str], tmp_pat
 
 def test_submit_fails_fast_on_an_unreachable_head_or_bad_address(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_AUTH_TOKEN": "t0ken-never-printed"}
-    done = subprocess.run([DEBLUR, "submit", str(tmp_path), str(tmp_path / "o"),
+    done = subprocess.run([DEBLUR, "submit", str(tmp_path / "src"), str(tmp_path / "o"),
                            "--random-weights", "--address", f"http://127.0.0.1:{free_port()}"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 4 and "cannot reach the Ray dashboard" in done.stderr
     assert "t0ken-never-printed" not in done.stdout + done.stderr
-    done = subprocess.run([DEBLUR, "submit", str(tmp_path), str(tmp_path / "o"),
+    done = subprocess.run([DEBLUR, "submit", str(tmp_path / "src"), str(tmp_path / "o"),
                            "--random-weights", "--address", "ray://127.0.0.1:10001"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "http://HEAD:8265" in done.stderr

@@ -223,6 +223,7 @@ def test_status_and_list_survive_a_corrupt_job_file(storage: Storage, root: str)
     assert f"job.json at {join(bad.job_root, 'job.json')} is not a deblur job file (corrupt " \
            "or overwritten)" in status.output
     assert len(status.output.strip().splitlines()) == 1
+    assert "bytes, unknown binary)" in status.output and "x89" not in status.output  # no bytes
     listed = cli.invoke(app, ["list", join(root, "out")])
     assert listed.exit_code == 0, listed.output
     rows = [json.loads(line) for line in listed.output.strip().splitlines()]

@@ -63,6 +63,7 @@ from deblur import __version__
 from deblur.config import JobConfig, from_dict
 from deblur.errors import AlreadyExistsError, ConfigError, ManifestError, NotFoundError
 from deblur.job.manifest import SHARD_SCHEMA, iter_shards, plan_rows
+from deblur.io import codec
 from deblur.io.storage import Storage, as_folder, join
 
 log = logging.getLogger("deblur.job.ledger")
@@ -467,7 +468,8 @@ class Ledger:
                                   f"root that `deblur run` printed") from None
             job = _json_object(data)
             if job is None:
-                problem = f"not a JSON object ({len(data)} bytes starting {data[:8]!r})"
+                # What it looks like, never its bytes (it may be anything a manifest wrote).
+                problem = f"not a JSON object ({len(data)} bytes, {codec.sniff(data[:512])})"
             else:
                 missing = [key for key in _JOB_KEYS if key not in job]
                 problem = f"missing {', '.join(missing)}" if missing else ""

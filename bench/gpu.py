@@ -440,7 +440,10 @@ def _plan(bench: Bench, name: str) -> tuple[JobConfig, Any, Any]:
 def busy_share(metrics: list[dict[str, Any]]) -> float | None:
     """Σ busy_s / Σ wall_s over shard reports (shards in flight together overlap in both)."""
     wall = sum(m.get("wall_s") or 0.0 for m in metrics)
-    return sum(m.get("busy_s") or 0.0 for m in metrics) / wall if wall > 0 else None
+    # engine_busy_s: the engine's busy time over each shard's window (busy_s is only the
+    # shard's own share since the engine attributes each batch once).
+    busy = sum(m.get("engine_busy_s", m.get("busy_s")) or 0.0 for m in metrics)
+    return busy / wall if wall > 0 else None
 
 
 def _shard_metrics(node: Any) -> Iterator[dict[str, Any]]:

@@ -1,13 +1,14 @@
-"""Planning cost of big manifests: seconds and peak RSS, local storage and moto S3.
+"""Planning cost of big manifests: seconds and peak RSS per case, and growth per million rows.
 
-    .venv/bin/python bench/manifest.py                       # 100k and 1M rows, both stores
-    .venv/bin/python bench/manifest.py --rows 100000 --stores local
+    .venv/bin/python bench/manifest.py                        # 1M, 3M, 10M rows; file, folder
+    .venv/bin/python bench/manifest.py --rows 100000 --layouts file --stores local moto
 
-Each case runs in a fresh child process (so peak RSS is that case's own): it reads a Parquet
-manifest of N keys and plans it into shards of 1000 through ``Ledger.create``, the code
-`deblur run` uses. The moto server runs in this parent process, so its memory is not counted.
-Targets on the 2-core CPU machine: 1M rows in under 30 s locally, peak RSS under 1 GiB, and RSS
-growing by under 200 MiB from 100k to 1M rows.
+Each case runs in a fresh child process (so peak RSS is that case's own): it plans a manifest
+of N keys into shards of 1000 through ``Ledger.create``, the code `deblur run` uses, either one
+Parquet file (``file``) or a folder of 16 (``folder``: the source ``…/*.parquet``). The moto
+server runs in this parent process, so its memory is not counted.
+Targets (issue 17): >= 200,000 rows/s per planning process, peak RSS < 2 GB at 10M rows and
+growth <= 20 MB per extra million rows.
 """
 
 from __future__ import annotations
@@ -25,15 +26,41 @@ import subprocess
 import tempfile
 import time
 
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def manifest_bytes(rows: int) -> bytes:
-    keys = pa.array([f"photos/{i % 997:03d}/camera roll/IMG_{i:08d}.jpg" for i in range(rows)])
+CHUNK = 1_000_000  # keys generated (and one row group written) at a time
+FILES = 16
+
+
+def _keys(start: int, stop: int) -> pa.Table:
+    return pa.table({"key": pa.array(
+        [f"photos/{i % 997:03d}/camera roll/IMG_{i:08d}.jpg" for i in range(start, stop)])})
+
+
+def manifest_bytes(start: int, stop: int) -> bytes:
+    """A Parquet manifest of keys start..stop-1, one row group per CHUNK keys."""
     buf = io.BytesIO()
-    pq.write_table(pa.table({"key": keys}), buf, compression="zstd")
+    with pq.ParquetWriter(buf, pa.schema([("key", pa.string())]), compression="zstd") as w:
+        for first in range(start, stop, CHUNK):
+            w.write_table(_keys(first, min(stop, first + CHUNK)))
     return buf.getvalue()
+
+
+def write_manifest(store: Any, root: str, rows: int, layout: str) -> str:
+    """Put the case's manifest in the store; returns the job's source."""
+    if layout == "file":
+        source = f"{root}/manifest-{rows}.parquet"
+        store.put(source, manifest_bytes(0, rows))
+        return source
+    bounds = [rows * i // FILES for i in range(FILES + 1)]
+    for i in range(FILES):
+        store.put(f"{root}/manifest-{rows}/part-{i:02d}.parquet",
+                  manifest_bytes(bounds[i], bounds[i + 1]))
+    return f"{root}/manifest-{rows}/*.parquet"
 
 
 def _peak_rss_mib() -> float:
@@ -45,7 +72,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(root: str, rows: int, endpoint: str | None) -> None:
+def child(root: str, source: str, endpoint: str | None, plan_tasks: int = 0) -> None:
     """Plan one manifest and print a JSON line with seconds and RSS figures."""
     import logging
 
@@ -54,23 +81,26 @@ def child(root: str, rows: int, endpoint: str | None) -> None:
     from deblur.job.ledger import Ledger
     from deblur.io.storage import Storage
 
-    overrides = {"source": f"{root}/manifest-{rows}.parquet", "destination": f"{root}/out",
-                 "job_root": f"{root}/jobs/{rows}-{time.time_ns()}/", "shard_size": 1000,
+    overrides = {"source": source, "destination": f"{root}/out",
+                 "job_root": f"{root}/jobs/{time.time_ns()}/", "shard_size": 1000,
+                 "plan_tasks": plan_tasks,
                  "model.random_weights": True, "storage.endpoint_url": endpoint}
     job = config_mod.load(None, overrides)
     storage = Storage(job.storage)
     rss_before = _peak_rss_mib()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ledger = Ledger.create(storage, job, job_id="bench", model_info={})
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = _peak_rss_mib()
     print(json.dumps({"rows": ledger.job()["rows"], "shards": ledger.job()["shards"],
-                      "seconds": seconds, "peak_rss_mib": peak,
+                      "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak,
                       "rss_before_mib": rss_before}))
 
 
-def run_case(store: str, root: str, rows: int, endpoint: str | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", root, "--rows", str(rows)]
+def run_case(store: str, root: str, source: str, endpoint: str | None,
+             plan_tasks: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--child", root, "--source", source,
+           "--plan-tasks", str(plan_tasks)]
     if endpoint:
         cmd += ["--endpoint", endpoint]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
@@ -81,13 +111,20 @@ def run_case(store: str, root: str, rows: int, endpoint: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, nargs="*", default=[100_000, 1_000_000])
-    parser.add_argument("--stores", nargs="*", default=["local", "moto"])
+    parser.add_argument("--rows", type=int, nargs="*",
+                        default=[1_000_000, 3_000_000, 10_000_000])
+    parser.add_argument("--layouts", nargs="*", default=["file", "folder"],
+                        choices=["file", "folder"])
+    parser.add_argument("--stores", nargs="*", default=["local"], choices=["local", "moto"])
+    parser.add_argument("--plan-tasks", type=int, default=0,
+                        help="plan the folder layout as this many Ray tasks (0: one process); "
+                             "the tasks' memory is not in the driver's peak RSS")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.rows[0], args.endpoint)
+        child(args.child, args.source, args.endpoint, args.plan_tasks)
         return
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
@@ -121,26 +158,44 @@ def main() -> None:
         from deblur.io.storage import Storage
 
         store_client = Storage(StorageConfig(endpoint_url=endpoint))
-        for rows in args.rows:
-            store_client.put(f"{root}/manifest-{rows}.parquet", manifest_bytes(rows))
-            result = run_case(store, root, rows, endpoint)
-            results.append(result)
-            print(f"{store:5s} {rows:>9,} rows -> {result['shards']:>5} shards: "
-                  f"{result['seconds']:6.1f} s, {rows / result['seconds']:>9,.0f} rows/s, "
-                  f"peak RSS {result['peak_rss_mib']:.0f} MiB "
-                  f"(before planning {result['rss_before_mib']:.0f} MiB)")
+        for layout in args.layouts:
+            for rows in args.rows:
+                source = write_manifest(store_client, root, rows, layout)
+                tasks = args.plan_tasks if layout == "folder" else 0
+                result = run_case(store, root, source, endpoint, tasks)
+                result.update(layout=layout if not tasks else f"{layout}/{tasks} tasks")
+                results.append(result)
+                print(f"{store:5s} {result['layout']:6s} {rows:>11,} rows -> {result['shards']:>6} "
+                      f"shards: {result['seconds']:7.1f} s, "
+                      f"{rows / result['seconds']:>9,.0f} rows/s "
+                      f"({rows / result['cpu_seconds']:,.0f} per CPU-second), "
+                      f"peak RSS {result['peak_rss_mib']:5.0f} MiB (before planning "
+                      f"{result['rss_before_mib']:.0f} MiB)", flush=True)
         if server is not None:
             server.stop()
         if tmp is not None:
             tmp.cleanup()
     for store in args.stores:
-        by_rows = {r["rows"]: r for r in results if r["store"] == store}
-        if 100_000 in by_rows and 1_000_000 in by_rows:
-            growth = by_rows[1_000_000]["peak_rss_mib"] - by_rows[100_000]["peak_rss_mib"]
-            big = by_rows[1_000_000]
-            print(f"{store}: 1M rows {big['seconds']:.1f} s (target < 30 s local), peak RSS "
-                  f"{big['peak_rss_mib']:.0f} MiB (target < 1024), growth 100k->1M "
-                  f"{growth:.0f} MiB (target < 200)")
+        for layout in args.layouts:
+            by_rows = sorted((r for r in results
+                              if r["store"] == store and r["layout"].startswith(layout)),
+                             key=lambda r: r["rows"])
+            if len(by_rows) < 2:
+                continue
+            small, big = by_rows[0], by_rows[-1]
+
+            def growth(a: dict, b: dict) -> str:
+                slope = (b["peak_rss_mib"] - a["peak_rss_mib"]) / ((b["rows"] - a["rows"]) / 1e6)
+                return f"{slope:.1f} MiB ({a['rows']:,} -> {b['rows']:,})"
+
+            rate = min(r["rows"] / r["seconds"] for r in by_rows)
+            spans = [growth(small, big)]
+            if len(by_rows) > 2:  # the last span: past the fixed buffers' fill
+                spans.append(growth(by_rows[-2], big))
+            print(f"{store} {layout}: growth per extra million rows {', '.join(spans)} "
+                  f"(target <= 20), peak RSS at "
+                  f"{big['rows']:,} rows {big['peak_rss_mib']:.0f} MiB (target < 2048), "
+                  f"slowest {rate:,.0f} rows/s (target >= 200,000)")
 
 
 if __name__ == "__main__":

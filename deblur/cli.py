@@ -21,6 +21,8 @@ from typing import Annotated, Any
 
 import typer
 
+from deblur.config import MODEL_NAMES  # light: no torch, ray or pyarrow at import
+
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_STOPPED, EXIT_RUNTIME = 0, 1, 2, 3, 4
 
 app = typer.Typer(help="Distributed batch image deblurring with MIMO-UNet on Ray.",
@@ -34,14 +36,18 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 def _guard(func: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a command body, turning domain errors into one line and an exit code."""
-    from deblur.errors import ConfigError, ManifestError, PipelineError, WeightsError
+    from deblur.errors import (ConfigError, ManifestError, ModelError, PipelineError,
+                               WeightsError)
 
     try:
         return func(*args, **kwargs)
-    except (ConfigError, ManifestError, WeightsError) as exc:
+    except (ConfigError, ManifestError, ModelError, WeightsError) as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except PipelineError as exc:  # storage, a worker that cannot start, the cluster, …
         raise _fail(str(exc), EXIT_RUNTIME) from None
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM while the driver was stopping
+        raise _fail("interrupted: `deblur rerun JOB_ROOT` finishes the job", EXIT_STOPPED
+                    ) from None
 
 
 # -- options shared by run and rerun ---------------------------------------------------------
@@ -66,8 +72,11 @@ Source = Annotated[str, typer.Argument(help="Manifest (.parquet/.csv/.jsonl/.txt
                                             " to list: s3://bucket/prefix or a folder.")]
 Destination = Annotated[str, typer.Argument(help="Output prefix: s3://… or a folder.")]
 ConfigFile = Annotated[Path | None, typer.Option(help="Job config YAML (see configs/).")]
+# The choices as the metavar, checked by the config (one line and exit 2 when wrong, where a
+# click Choice would print a boxed usage error).
 Model = Annotated[str | None, typer.Option(
-    help="mimo-unet, mimo-unet-plus or mimo-unet-plusplus.")]
+    metavar="[" + "|".join(MODEL_NAMES) + "]",
+    help="The network: " + ", ".join(MODEL_NAMES) + " (default mimo-unet).")]
 Weights = Annotated[str | None, typer.Option(
     help="Checkpoint URI: path, file:// or s3:// (.pkl/.pth/.safetensors).")]
 RandomWeights = Annotated[bool, typer.Option(
@@ -84,7 +93,8 @@ JobRoot = Annotated[str | None, typer.Option(
 JobId = Annotated[str | None, typer.Option(
     help="Id for a new job (default: UTC time + random); names the default job root.")]
 Resume = Annotated[bool, typer.Option(
-    help="Finish the job already at --job-root (skips shards that have results).")]
+    help="Finish the job already at --job-root (skips shards that have results); its stored "
+         "config runs, with --address, worker, GPU, batch and metrics-port flags applied.")]
 MetricsPort = Annotated[int | None, typer.Option(
     help="Port of the driver's Prometheus /metrics (0: a free one).")]
 FollowLinks = Annotated[bool, typer.Option(
@@ -155,26 +165,43 @@ def run(
         "allow_prefixes": allow_prefix or None,
     }
     job = _guard(config_mod.load, config, overrides)
-    code = _guard(_run_job, job, resume=resume, quiet=quiet, job_id=job_id, force=force)
+    # A resumed job runs its stored config; these flags (where given) still apply over it.
+    now = {**_pool_overrides(address, min_workers, max_workers, gpus_per_worker, max_batch),
+           "metrics.port": metrics_port}
+    code = _guard(_run_job, job, resume=resume, quiet=quiet, job_id=job_id, force=force,
+                  overrides=now)
     raise typer.Exit(code)
 
 
+def _over_stored(ledger: Any, overrides: dict[str, Any]) -> Any:
+    """The job's stored config with the flags given now (dotted names, None: not given)."""
+    from deblur import config as config_mod
+
+    data = ledger.config().to_dict()
+    for dotted, value in overrides.items():
+        if value is not None:
+            section, _, name = dotted.partition(".")
+            data[section][name] = value
+    return config_mod.from_dict(data).validate()
+
+
 def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None,
-             force: bool = False) -> int:
+             force: bool = False, overrides: dict[str, Any] | None = None) -> int:
     from deblur.run.driver import execute, open_or_plan
     from deblur.io.storage import get_storage
 
     storage = get_storage(job.storage)
     ledger = open_or_plan(job, storage, resume=resume, job_id=job_id, force=force)
+    run_config = _over_stored(ledger, overrides or {})
     status = ledger.status()
     shards = sorted(set(ledger.shard_ids()) - ledger.done_shards())
     typer.echo(f"job root: {ledger.job_root}")
     if job.model.random_weights:
         typer.echo("warning: --random-weights: the model is untrained, outputs are NOT "
                    "deblurred (smoke test only)", err=True)
-    outcome = execute(ledger.config(), ledger, shards, status.pending,
+    outcome = execute(run_config, ledger, shards, status.pending,
                       on_progress=None if quiet else _progress_printer())
-    return _report(outcome)
+    return _report(outcome, ledger)
 
 
 @app.command()
@@ -231,6 +258,7 @@ def _submit(job: Any, address: str, *, job_id: str | None, resume: bool,
     from deblur.run import submit as submit_mod
 
     extra = submit_mod.load_runtime_env(runtime_env)
+    _check_weights_here(job)
     if not os.environ.get("RAY_AUTH_TOKEN") and os.environ.get("RAY_AUTH_MODE") != "token":
         typer.echo("note: no RAY_AUTH_TOKEN (nor RAY_AUTH_MODE=token with ~/.ray/auth_token): "
                    "only a cluster without token auth accepts this, and such a dashboard must "
@@ -264,6 +292,23 @@ def _submit(job: Any, address: str, *, job_id: str | None, resume: bool,
     return EXIT_RUNTIME
 
 
+def _check_weights_here(job: Any) -> None:
+    """Before submitting: the weights load into the model, when this machine can read them.
+
+    A file that is not a checkpoint or does not fit fails here (exit 2, nothing submitted);
+    one that only the cluster can read (its own path or bucket) is checked by its driver."""
+    from deblur.errors import StorageError, WeightsError
+    from deblur.model.weights import provenance
+
+    try:
+        provenance(job.model)
+    except WeightsError as exc:
+        if not isinstance(exc.__cause__, (StorageError, OSError)):  # read, not judged
+            raise
+        typer.echo(f"note: the weights cannot be read from here ({exc}); the driver checks "
+                   f"them on the cluster before its workers start", err=True)
+
+
 @app.command()
 def rerun(
     job_root: Annotated[str, typer.Argument(help="The job to finish: its ledger root.")],
@@ -282,42 +327,68 @@ def rerun(
 
 
 def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
-    from deblur import config as config_mod
     from deblur.job.ledger import Ledger
-    from deblur.run.driver import execute
-    from deblur.io.storage import get_storage
+    from deblur.run.driver import check_model, execute
 
-    ledger = Ledger.open(get_storage(), job_root)
-    data = ledger.config().to_dict()
-    for dotted, value in overrides.items():
-        if value is not None:
-            section, _, name = dotted.partition(".")
-            data[section][name] = value
-    job = config_mod.from_dict(data).validate()
+    ledger = Ledger.open_recorded(job_root)
+    job = _over_stored(ledger, overrides)
+    check_model(ledger, job)  # before the lease and Ray: a bad model writes nothing
     ledger.acquire_lease(job.scheduler.lease_ttl_s)  # refuses while another driver is live
     ledger.clear_cancel()
     index = ledger.index()  # one read of the index serves both
     status = ledger.status(index)
     shards = ledger.rerun_selection(index=index)
+    ledger.clear_attempts(shards)  # an operator's rerun gives each shard its attempts afresh
     typer.echo(f"job root: {ledger.job_root}: rerunning {len(shards)} shards "
                f"({status.pending} pending, {status.failed} failed rows)")
     outcome = execute(job, ledger, shards, status.pending + status.failed,
                       on_progress=None if quiet else _progress_printer())
-    return _report(outcome)
+    return _report(outcome, ledger)
 
 
-def _report(outcome: Any) -> int:
+SHOWN_FAILURES = 20
+"""Failed images named at the end of run and rerun; `deblur status JOB --failed` has all."""
+
+
+def _report(outcome: Any, ledger: Any) -> int:
     status = outcome.status
     typer.echo(f"done: {status.ok} ok, {status.failed} failed, {status.pending} pending "
                f"of {status.total} ({outcome.progress.images_per_s:.1f} images/s); "
                f"job root: {outcome.job_root}")
     for reason, count in sorted(status.failures_by_reason.items()):
         typer.echo(f"  failed {reason}: {count}", err=True)
+    if status.failed:
+        _name_failures(ledger, status.failed)
     if outcome.progress.cancelled or status.pending:
         typer.echo(f"stopped early: `deblur rerun {outcome.job_root}` finishes the job",
                    err=True)
         return EXIT_STOPPED
     return EXIT_FAILED_IMAGES if status.failed else EXIT_OK
+
+
+def _name_failures(ledger: Any, failed: int) -> None:
+    """The first failed images, one ``key: reason: message`` line each, then how many more."""
+    import itertools
+
+    from deblur.errors import PipelineError
+
+    shown = 0
+    try:
+        for row in itertools.islice(ledger.failed_rows(), SHOWN_FAILURES):
+            typer.echo(failure_line(row), err=True)
+            shown += 1
+    except PipelineError as exc:  # the counts above stand; the names are a convenience
+        typer.echo(f"(could not list the failed images: {exc})", err=True)
+    if failed > shown:
+        typer.echo(f"… and {failed - shown} more: deblur status {ledger.job_root} --failed",
+                   err=True)
+
+
+def failure_line(row: dict[str, Any]) -> str:
+    """``key: reason: message`` for a failed row (the message without its own key prefix)."""
+    key, message = row["key"], " ".join((row.get("error") or "").split())
+    message = message.removeprefix(f"{key}: ")
+    return f"{key}: {row.get('reason') or 'unknown'}: {message}"
 
 
 def _progress_printer() -> Any:
@@ -335,7 +406,9 @@ def _progress_printer() -> Any:
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
         line = (f"{progress.rows_done}/{progress.rows_total} images, {rate:.1f}/s, "
                 f"ETA {eta}, {progress.failed} failed, workers {progress.workers_active}"
-                f" (+{progress.workers_pending} pending)")
+                f" (+{progress.workers_pending} pending"
+                + (f", waiting for {progress.waiting_for}"
+                   if getattr(progress, "waiting_for", "") else "") + ")")
         if tty:
             sys.stderr.write("\r" + line.ljust(100))
             sys.stderr.flush()
@@ -350,24 +423,43 @@ def status(
     job_root: Annotated[str, typer.Argument(help="The job's ledger root.")],
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    failed: Annotated[bool, typer.Option(
+        "--failed", help="List the failed images instead: `key: reason: message` lines "
+                         "(with --json, one JSON object per line), streamed shard by shard."
+    )] = False,
+    reason: Annotated[str | None, typer.Option(
+        help="With --failed (implied): only failures of this reason, e.g. corrupt.")] = None,
 ) -> None:
     """Totals (ok / failed / pending), failures by reason, throughput and shard states."""
+    if failed or reason:
+        _guard(_failed_rows, job_root, reason, as_json)
+        return
     _guard(_status, job_root, as_json)
 
 
-def _status(job_root: str, as_json: bool) -> None:
-    from deblur.io.storage import get_storage
+def _failed_rows(job_root: str, reason: str | None, as_json: bool) -> None:
     from deblur.job.ledger import Ledger
 
-    ledger = Ledger.open(get_storage(), job_root)
+    ledger = Ledger.open_recorded(job_root)
+    for row in ledger.failed_rows(reason):
+        typer.echo(json.dumps(row, default=str) if as_json else failure_line(row))
+
+
+def _status(job_root: str, as_json: bool) -> None:
+    from deblur.job.ledger import Ledger
+
+    ledger = Ledger.open_recorded(job_root)
     data = ledger.status().to_dict()
+    state, error = ledger.state()
     snapshot = ledger.latest_snapshot()
     summary = ledger.read_summary()
     if as_json:
-        typer.echo(json.dumps({**data, "last_snapshot": snapshot, "summary": summary},
+        typer.echo(json.dumps({**data, "state": state, "error": error,
+                               "last_snapshot": snapshot, "summary": summary},
                               indent=2, default=str))
         return
     typer.echo(f"job {ledger.job_root}")
+    typer.echo(f"  state: {state}" + (f": {error}" if error else ""))
     typer.echo(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "
                f"{data['pending']} pending")
     typer.echo(f"  shards: {data['shards_done']}/{data['shards_total']} done")
@@ -383,6 +475,11 @@ def _status(job_root: str, as_json: bool) -> None:
                    + (f" ({fill:.0%} filled)" if fill else "")
                    + f", {snapshot['storage_retries']} storage retries, "
                    f"{snapshot['retries']} shard retries")
+        if snapshot.get("workers_pending"):
+            typer.echo(f"  workers: {snapshot.get('workers_active', 0)} active, "
+                       f"{snapshot['workers_pending']} pending"
+                       + (f" (waiting for {snapshot['waiting_for']})"
+                          if snapshot.get("waiting_for") else ""))
     if summary and summary.get("latency_ms"):
         for stage, figures in summary["latency_ms"].items():
             typer.echo(f"  {stage}: p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f}"
@@ -395,20 +492,21 @@ def _status(job_root: str, as_json: bool) -> None:
 
 @app.command()
 def cancel(job_root: Annotated[str, typer.Argument(help="The job's ledger root.")]) -> None:
-    """Ask the job's driver to stop dispatching; finish it later with `deblur rerun`."""
+    """Stop the job after the shards in flight: its driver dispatches no more, lets those
+    finish, writes summary.json and exits 3. `deblur rerun` (or `run --resume`) finishes it."""
     _guard(_cancel, job_root)
 
 
 def _cancel(job_root: str) -> None:
     from deblur.job.ledger import Ledger
-    from deblur.io.storage import get_storage
 
-    ledger = Ledger.open(get_storage(), job_root)
+    ledger = Ledger.open_recorded(job_root)
     ledger.request_cancel()
     lease = ledger.live_lease()
     if lease is not None:
         typer.echo(f"cancel requested for {job_root}; its live driver {lease.describe()} "
-                   f"stops dispatching within seconds")
+                   f"stops dispatching within seconds and exits once the shards in flight "
+                   f"finish")
     else:
         typer.echo(f"cancel requested for {job_root}; no live driver holds it now: "
                    f"`deblur rerun {job_root}` clears the request and finishes the job")
@@ -430,9 +528,9 @@ def report(
 def _report_page(job_root: str, out: str | None, open_page: bool, samples: int) -> None:
     from deblur.job.ledger import Ledger
     from deblur.observe.report import write_report
-    from deblur.io.storage import get_storage, is_s3
+    from deblur.io.storage import is_s3
 
-    ledger = Ledger.open(get_storage(), job_root)
+    ledger = Ledger.open_recorded(job_root)
     stored = write_report(ledger, out, samples)
     typer.echo(f"report: {stored}" + (f" and {out}" if out else ""))
     if open_page:
@@ -540,6 +638,64 @@ def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Pa
     typer.echo(data if as_json else plan_mod.render(report))
     if out is not None:
         out.write_text(data + "\n")
+
+
+@app.command()
+def train(
+    data: Annotated[str | None, typer.Argument(
+        help="Manifest with key (blurry) and reference (sharp) columns; omit with --synthetic."
+    )] = None,
+    out: Annotated[str | None, typer.Argument(
+        help="Where checkpoints, metrics and the final weights go (folder or s3:// prefix); "
+             "a run there is resumed.")] = None,
+    *,
+    synthetic: Annotated[str | None, typer.Option(
+        help="Sharp images (folder, prefix or manifest) blurred on the fly by random camera "
+             "shake; then give only OUT.")] = None,
+    init: Annotated[str | None, typer.Option(
+        help="Start from these weights (any file `deblur run --weights` loads).")] = None,
+    model: Annotated[str, typer.Option(help="mimo-unet or mimo-unet-plus.")] = "mimo-unet",
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all.")] = 3000,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(help="0 trains on CPUs.")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs Ray reserves per worker.")] = 1.0,
+    threads: Annotated[int | None, typer.Option(help="torch threads per worker.")] = None,
+    crop: Annotated[int, typer.Option(help="Training crop size (multiple of 4).")] = 256,
+    batch: Annotated[int, typer.Option(help="Crops per worker per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (the authors: 1e-4).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Data and initialisation seed.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out PSNRs.")] = 500,
+    log_every: Annotated[int, typer.Option(help="Steps between progress lines.")] = 10,
+    holdout: Annotated[int | None, typer.Option(
+        help="Images held out for the PSNR (default 1 in 20).")] = None,
+    time_limit: Annotated[float | None, typer.Option(
+        help="Minutes of training, then checkpoint and write the weights (resumable).")] = None,
+    loader_workers: Annotated[int, typer.Option(help="Sample-making processes.")] = 0,
+    address: Address = None,
+) -> None:
+    """Train (or fine-tune) MIMO-UNet on Ray Train; resumes a run found in OUT."""
+    if out is None and synthetic is not None:
+        data, out = None, data  # `deblur train --synthetic SHARP OUT`: the one argument is OUT
+    if out is None:
+        raise _fail("give OUT (and DATA, or --synthetic SHARP_SOURCE)", EXIT_USAGE)
+    _guard(_train, dict(
+        out=out, data=data, synthetic=synthetic, init=init, model=model, steps=steps,
+        workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+        threads=threads, crop=crop, batch=batch, lr=lr, seed=seed,
+        checkpoint_every=checkpoint_every, eval_every=eval_every, log_every=log_every,
+        holdout=holdout, time_limit_s=None if time_limit is None else time_limit * 60,
+        loader_workers=loader_workers, address=address,
+        command=" ".join(["deblur", *sys.argv[1:]])))
+
+
+def _train(options: dict[str, Any]) -> None:
+    from deblur.train.trainer import TrainConfig, train as run_training
+
+    last = run_training(TrainConfig(**options))
+    if "holdout_psnr" in last:
+        typer.echo(f"held-out PSNR {last['holdout_blurry_psnr']:.2f} -> "
+                   f"{last['holdout_psnr']:.2f} dB at step {last['step']}")
 
 
 def main() -> None:

@@ -31,6 +31,19 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OUTPUT_FORMATS = ("same", "jpeg", "png", "webp")
 CODEC_BACKENDS = ("auto", "pillow", "nvjpeg")
 RETRY_MODES = ("standard", "adaptive", "legacy")
+MODEL_NAMES = ("mimo-unet", "mimo-unet-plus", "mimo-unet-plusplus")
+"""The registry's names (deblur/model MODELS; a test keeps the two equal), here so a config
+is checked without importing torch."""
+
+
+def tile_side(tile_pixels: int) -> int:
+    """The side of the square tiles an image over ``tile_pixels`` is cut into (a multiple of
+    4, at least 64), as run/inference.py tile_grid cuts them (a test keeps the two equal):
+    validation checks the overlap against it before a job starts, instead of every large
+    image failing at run time."""
+    import math
+
+    return max(64, math.isqrt(tile_pixels) // 4 * 4)
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,9 @@ class ModelConfig:
     """auto (cuda when available), cpu or cuda."""
 
     def validate(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise ConfigError(f"model.name={self.name!r}: unknown model; choose one of "
+                              f"{', '.join(MODEL_NAMES)}")
         if not self.weights and not self.random_weights:
             raise ConfigError(
                 "no model weights given: pass --weights URI (e.g. the authors' MIMO-UNet.pkl), "
@@ -82,6 +98,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.tile_overlap={self.tile_overlap}: must be a non-negative multiple of 4"
             )
+        if self.tile_overlap >= tile_side(self.tile_pixels) // 2:
+            raise ConfigError(
+                f"model.tile_overlap={self.tile_overlap}: must be under half the tile side "
+                f"({tile_side(self.tile_pixels)} for model.tile_pixels={self.tile_pixels}); "
+                f"lower the overlap or raise tile_pixels")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"model.device={self.device!r}: choose auto, cpu or cuda")
         if self.compile not in COMPILE_CHOICES:
@@ -142,8 +163,14 @@ class StorageConfig:
     """Total attempts per request, first included."""
     max_pool_connections: int = 64
     """HTTP connections per process; sized to the worker's I/O threads."""
+    list_concurrency: int = 16
+    """Folders of a big S3 source prefix listed at once while planning (1: one sequential
+    listing); the order of the keys, hence row ids, is the same either way."""
 
     def validate(self) -> None:
+        if self.list_concurrency < 1:
+            raise ConfigError(
+                f"storage.list_concurrency={self.list_concurrency}: must be >= 1")
         if self.retry_mode not in RETRY_MODES:
             raise ConfigError(f"storage.retry_mode={self.retry_mode!r}: choose {RETRY_MODES}")
         if self.max_attempts < 1:
@@ -195,12 +222,19 @@ class WorkerConfig:
     """Threads for fetch+decode and for encode+upload, each."""
     prefetch: int = 32
     """Decoded images queued ahead of the model (backpressure bound)."""
+    max_buffered_bytes: int | None = None
+    """Most bytes of decoded pixels (inputs and their outputs awaiting encode) an actor holds
+    at once; an image larger than this alone still runs, by itself. None = auto: a quarter of
+    the memory the actor's container (cgroup) or machine has, within 256 MiB .. 8 GiB."""
 
     def validate(self) -> None:
         if self.gpus_per_worker < 0:
             raise ConfigError(f"worker.gpus_per_worker={self.gpus_per_worker}: must be >= 0")
         if self.io_threads < 1 or self.prefetch < 1:
             raise ConfigError("worker.io_threads and worker.prefetch must be >= 1")
+        if self.max_buffered_bytes is not None and self.max_buffered_bytes < 1 << 20:
+            raise ConfigError(f"worker.max_buffered_bytes={self.max_buffered_bytes}: must be "
+                              f">= 1048576 (1 MiB), or null for auto")
 
 
 @dataclass(frozen=True)
@@ -219,6 +253,10 @@ class SchedulerConfig:
     """Shards in flight per actor (2 keeps the GPU busy across shard boundaries)."""
     max_attempts: int = 3
     """Attempts per shard on actor/node loss before its rows are recorded failed."""
+    worker_start_attempts: int = 3
+    """Workers whose constructor fails (bad image, no usable GPU, …) before the run gives up
+    (exit 4, state failed_to_start). Each retry avoids the nodes where one failed, so one bad
+    node is tolerated; once workers run, failures only stop the pool from growing."""
     index_interval_s: float = 30.0
     """Seconds between writes of the ledger index (status/rerun read it instead of results)."""
     ray_num_gpus: int | None = None
@@ -228,7 +266,39 @@ class SchedulerConfig:
     renewed every third of it; `deblur rerun` / `run --resume` refuse a live lease of another
     driver and take over one a killed driver left once it expires (at most this long)."""
 
+    worker_start_timeout_s: float = 600.0
+    """With no worker ready, the run ends (exit 4) once a worker has waited this long to be
+    placed, naming the resource no node offers (e.g. GPU: 1). Covers autoscaler time to
+    bring up a GPU node; while one worker runs, more waiting for capacity is fine."""
+    shard_deadline_floor_s: float = 900.0
+    """A shard in flight longer than max(this, shard_deadline_factor x shard_size x the p95
+    seconds per image of finished shards) has its actor killed and is retried elsewhere."""
+    shard_deadline_factor: float = 10.0
+    """Headroom over the measured p95 per-image time (see shard_deadline_floor_s)."""
+    shard_deadline_unmeasured_s: float = 7200.0
+    """The deadline until a shard of this run has finished (model load, compilation and a
+    first shard on a slow device all fit)."""
+    isolate_after: int = 2
+    """A shard whose worker died this many times (counted in the ledger, across driver
+    restarts) is run image by image on a worker of its own; an image that alone kills its
+    worker this many times is one failed row (reason worker_crash)."""
+    retry_backoff_s: float = 1.0
+    """Wait before a shard's retry: this, doubled per attempt, up to retry_backoff_max_s."""
+    retry_backoff_max_s: float = 30.0
+    """Cap of the retry wait, and of the wait between probes while the store is unreachable
+    (dispatch pauses then, and those attempts do not count against the shard)."""
+
     def validate(self) -> None:
+        if self.isolate_after < 1:
+            raise ConfigError(f"scheduler.isolate_after={self.isolate_after}: must be >= 1")
+        if not 0 <= self.retry_backoff_s <= self.retry_backoff_max_s:
+            raise ConfigError(
+                f"scheduler.retry_backoff_s={self.retry_backoff_s}: must be >= 0 and at most "
+                f"retry_backoff_max_s={self.retry_backoff_max_s}")
+        for name in ("worker_start_timeout_s", "shard_deadline_floor_s",
+                     "shard_deadline_factor", "shard_deadline_unmeasured_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"scheduler.{name}={getattr(self, name)}: must be > 0")
         if self.min_workers < 0 or self.max_workers < 1:
             raise ConfigError("scheduler: min_workers must be >= 0 and max_workers >= 1")
         if self.min_workers > self.max_workers:
@@ -238,6 +308,9 @@ class SchedulerConfig:
             )
         if self.shards_per_worker < 1 or self.max_attempts < 1:
             raise ConfigError("scheduler: shards_per_worker and max_attempts must be >= 1")
+        if self.worker_start_attempts < 1:
+            raise ConfigError(
+                f"scheduler.worker_start_attempts={self.worker_start_attempts}: must be >= 1")
         if self.index_interval_s <= 0:
             raise ConfigError(f"scheduler.index_interval_s={self.index_interval_s}: must be > 0")
         if self.lease_ttl_s <= 0:
@@ -303,6 +376,9 @@ class JobConfig:
     """Allow rows whose output is their own input (DEST == SOURCE, or an output_key naming
     the input); each original is kept under <job_root>/originals/ before it is replaced.
     Otherwise such a row fails as would_overwrite_input."""
+    plan_tasks: int = 0
+    """Plan a manifest of several Parquet files (``…/*.parquet``) as up to this many Ray tasks
+    at once, one per file (the same ledger as planning in one process); 0: one process."""
     model: ModelConfig = field(default_factory=ModelConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -315,6 +391,9 @@ class JobConfig:
     def validate(self) -> JobConfig:
         if self.shard_size < 1:
             raise ConfigError(f"shard_size={self.shard_size}: must be >= 1")
+        if self.plan_tasks < 0:
+            raise ConfigError(f"plan_tasks={self.plan_tasks}: must be >= 0 (0: plan in one "
+                              f"process)")
         if any(not p for p in self.allow_prefixes):
             raise ConfigError("allow_prefixes: an empty prefix would allow everything; name a "
                               "bucket/prefix or folder")
@@ -324,6 +403,10 @@ class JobConfig:
         for section in (self.model, self.codec, self.storage, self.batch, self.worker,
                         self.scheduler, self.metrics, self.quality):
             section.validate()
+        # Rules across sections: each would otherwise fail on every worker after Ray started.
+        if self.codec.backend == "nvjpeg" and self.model.device == "cpu":
+            raise ConfigError("codec.backend=nvjpeg decodes on the GPU but model.device=cpu: "
+                              "choose codec.backend auto or pillow, or model.device auto/cuda")
         return self
 
     def to_dict(self) -> dict[str, Any]:

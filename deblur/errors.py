@@ -52,12 +52,45 @@ class AlreadyExistsError(StorageError):
     """A put-if-absent found the object already there."""
 
 
+class ConflictError(StorageError):
+    """A conditional write lost: the object changed (or vanished) since the writer read it.
+
+    The writer re-reads, merges and retries (``Storage.put_if_match``)."""
+
+
+class StoreUnavailableError(StorageError):
+    """The store could not be reached (connection refused or reset, timeouts, 5xx) after
+    every client retry: an outage, not a problem of the object or of the shard."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The store was unreachable or overloaded (after the client's retries): a shard that
+    failed so is retried without spending an attempt. Looks through Ray's wrapper too (a
+    RayTaskError keeps the worker's exception as ``cause``)."""
+    cause = getattr(exc, "cause", None)
+    return any(isinstance(e, (StoreUnavailableError, ThrottledError))
+               for e in (exc, cause) if e is not None)
+
+
 class SubmitError(PipelineError):
     """The Ray cluster could not be reached, refused the token, or refused the job."""
 
 
 class WorkerStartError(PipelineError):
-    """No worker could start (its constructor raised: bad weights, no GPU, …)."""
+    """No worker could start (its constructor raised: bad weights, no GPU, …).
+
+    Raised by a worker's ``ready()`` with where it failed (``node_id``, ``host``) and the full
+    traceback (``trace``), so the driver can retry on another node and keep the traceback in
+    the job's log; raised by the driver, one line, when the job gives up.
+    """
+
+    def __init__(self, message: str, node_id: str = "", host: str = "",
+                 trace: str = "") -> None:
+        super().__init__(message)
+        self.node_id, self.host, self.trace = node_id, host, trace
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps the fields across Ray's pickling
+        return (type(self), (self.args[0], self.node_id, self.host, self.trace))
 
 
 class ImageError(PipelineError):
@@ -88,3 +121,13 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[-1] if any(line.startswith("Traceback") for line in lines) else lines[0]
+
+
+class DeviceFaultError(PipelineError):
+    """The accelerator failed in a way that poisons the process (illegal address, device-side
+    assert, ECC): nothing more can run on it, so the worker exits and its shards go elsewhere."""
+
+
+class WorkerUnhealthyError(PipelineError):
+    """The worker's engine stopped (a device fault or a bug in its thread); the shards it held
+    must be retried on another worker, never committed from this one."""

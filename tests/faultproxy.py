@@ -2,7 +2,8 @@
 
 Of every ``period`` requests it answers one with ``503 SlowDown`` (S3's throttle answer) and
 drops one by resetting the TCP connection (SO_LINGER 0), before forwarding anything, so the
-store never sees those requests. The rest are forwarded unchanged. Counters say how many of
+store never sees those requests. The rest are forwarded unchanged. ``drop_all`` resets every
+connection (an outage) until it is cleared. Counters say how many of
 each happened, so tests can check that faults were really injected and retried.
 """
 
@@ -24,6 +25,7 @@ class FaultProxy:
         self.period = period
         self.enabled = True
         self.throttle_all = False  # answer every request with SlowDown
+        self.drop_all = False  # reset every connection: the store is unreachable (an outage)
         self.count = self.throttled = self.reset = self.forwarded = 0
         self.lock = threading.Lock()
         proxy = self
@@ -42,6 +44,8 @@ class FaultProxy:
                     slot = proxy.count % proxy.period if proxy.enabled else -1
                     if proxy.throttle_all:
                         slot = 1
+                    if proxy.drop_all:
+                        slot = 3
                 if slot == 1:
                     with proxy.lock:
                         proxy.throttled += 1

@@ -450,3 +450,112 @@ def test_cluster_launcher_config_matches_rays_schema() -> None:
     assert gpu["min_workers"] == 0 and 1 <= gpu["max_workers"] <= config["max_workers"]
     assert any("pip install" in c and " ." in c for c in config["setup_commands"])
     assert all("127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+
+
+# -- retries on Kubernetes never re-plan a job (issue 14, point 12) ---------------------------
+
+def _rayjob(*sets: str, release: str = "nightly", namespace: str = "batch") -> dict:
+    args = ["template", release, str(CHART), "--namespace", namespace]
+    for s in sets:
+        args += ["--set", s]
+    out = run_helm(*args)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.load_all(out.stdout, Loader=Loader) if d]
+    (job,) = by_kind(docs, "RayJob")
+    errors = [e.message for e in crd_validator("RayJob", job["apiVersion"]).iter_errors(job)]
+    assert not errors, errors
+    job["configmap"] = next(d for d in by_kind(docs, "ConfigMap")
+                            if "job.yaml" in d.get("data", {}))
+    return job
+
+
+def _entrypoint_params(job: dict) -> dict:
+    """The entrypoint parsed by deblur's own CLI (click), without running it: every option the
+    chart passes exists, and these are the values `deblur run` would get."""
+    import shlex
+
+    import typer
+
+    from deblur.cli import app
+
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["deblur", "run"], argv
+    command = typer.main.get_command(app)
+    run = command.get_command(None, "run")  # type: ignore[attr-defined]
+    return run.make_context("run", argv[2:]).params
+
+
+def test_rayjob_pins_its_job_root_by_release_and_always_resumes() -> None:
+    job = _rayjob()
+    params = _entrypoint_params(job)
+    assert params["resume"] is True
+    assert params["job_id"] == "batch.nightly"
+    assert params["job_root"] == "s3://my-bucket/deblurred/_deblur/batch.nightly/"
+    # The same release renders the same command (a re-created RayJob resumes the same job);
+    # another release or namespace gets its own job root.
+    assert _rayjob()["spec"]["entrypoint"] == job["spec"]["entrypoint"]
+    other = {_entrypoint_params(_rayjob(release="weekly"))["job_root"],
+             _entrypoint_params(_rayjob(namespace="prod"))["job_root"]}
+    assert other == {"s3://my-bucket/deblurred/_deblur/batch.weekly/",
+                     "s3://my-bucket/deblurred/_deblur/prod.nightly/"}
+    # An explicit job root wins; the job id still comes from the release.
+    given = _entrypoint_params(_rayjob("job.jobRoot=s3://b/ledgers/x/"))
+    assert (given["job_root"], given["job_id"], given["resume"]) == \
+        ("s3://b/ledgers/x/", "batch.nightly", True)
+    # Long names stay a valid job id (64 characters at most, starting with a letter/digit).
+    from deblur.job.ledger import check_job_id
+
+    long_id = _entrypoint_params(_rayjob(release="r" * 53, namespace="n" * 63))["job_id"]
+    assert check_job_id(long_id) == long_id and len(long_id) <= 64
+
+
+def test_rayjob_level_retries_are_off_and_submitter_retries_use_kuberays_setting() -> None:
+    # KubeRay retries a failed RayJob (spec.backoffLimit) by deleting the RayCluster it runs
+    # on, the chart's own with clusterSelector, and exit 1 (some images failed) is such a
+    # failure: the chart never asks for it.
+    spec = _rayjob()["spec"]
+    assert spec["backoffLimit"] == 0
+    assert spec["submitterConfig"] == {"backoffLimit": 2}
+    assert _rayjob("job.submitterBackoffLimit=5")["spec"]["submitterConfig"] == {"backoffLimit": 5}
+    for bad in ("job.backoffLimit=2", "job.submitterBackoffLimit=-1"):
+        out = run_helm("template", "t", str(CHART), "--set", bad)
+        assert out.returncode != 0 and "schema" in out.stderr.lower(), (bad, out.stderr)
+
+
+def test_every_try_of_the_rendered_entrypoint_finishes_one_job(tmp_path: Path) -> None:
+    """The first run of the rendered command plans the job (--resume on an empty job root
+    plans); a second run, as a re-created RayJob or a resubmitting submitter would start it,
+    opens that same job instead of planning another."""
+    from deblur.io.storage import Storage
+    from deblur.job.ledger import Ledger
+    from deblur.run.driver import open_or_plan
+    from tests.conftest import jpeg
+
+    storage = Storage()
+    src, dest = tmp_path / "in", tmp_path / "out"
+    for i in range(5):
+        storage.put(str(src / f"{i}.jpg"), jpeg(16, 16, i))
+    job = _rayjob(f"job.source={src}", f"job.destination={dest}", "job.weights=")
+    params = _entrypoint_params(job)
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text(job["configmap"]["data"]["job.yaml"])
+    config = job_config.load(config_file, {
+        "source": params["source"], "destination": params["destination"],
+        "job_root": params["job_root"], "model.name": params["model"],
+        "scheduler.max_workers": params["max_workers"], "shard_size": 2,
+        "model.random_weights": True})
+    root = f"{dest}/_deblur/batch.nightly/"
+    assert not storage.exists(root + "job.json")
+
+    first = open_or_plan(config, storage, resume=params["resume"], job_id=params["job_id"])
+    assert first.job_root.rstrip("/") == root.rstrip("/")
+    assert first.job()["job_id"] == "batch.nightly" and len(first.shard_ids()) == 3
+    planned = {p.name: p.stat().st_mtime_ns for p in (Path(root) / "shards").iterdir()}
+    first.release_lease()  # the try ended (the driver releases its lease on exit)
+
+    second = open_or_plan(config, storage, resume=params["resume"], job_id=params["job_id"])
+    assert second.job() == first.job()
+    assert {p.name: p.stat().st_mtime_ns for p in (Path(root) / "shards").iterdir()} == planned
+    assert [p.name for p in Path(dest, "_deblur").iterdir()] == ["batch.nightly"]
+    second.release_lease()
+    assert Ledger.open(storage, root).job()["job_id"] == "batch.nightly"

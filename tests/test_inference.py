@@ -122,13 +122,15 @@ def test_reflect_pad_wider_than_the_image() -> None:
 @pytest.mark.parametrize(("h", "w"), [(300, 260), (1000, 4000), (257, 64)])
 def test_tile_grid_covers_the_image_within_the_budget(h: int, w: int) -> None:
     grid = tile_grid(h, w, tile_pixels=128 * 128, overlap=32)
-    assert grid.tile * grid.tile <= 128 * 128 and grid.tile % 4 == 0
+    assert grid.tile_h * grid.tile_w <= 128 * 128
+    assert grid.tile_h % 4 == 0 and grid.tile_w % 4 == 0
     covered = np.zeros((h, w), bool)
     for y in grid.ys:
         for x in grid.xs:
-            covered[y:y + grid.tile, x:x + grid.tile] = True
+            covered[y:y + grid.tile_h, x:x + grid.tile_w] = True
     assert covered.all()
-    assert all(b - a <= grid.tile - 32 for a, b in zip(grid.xs, grid.xs[1:]))
+    assert all(b - a <= grid.tile_w - 32 for a, b in zip(grid.xs, grid.xs[1:]))
+    assert all(b - a <= grid.tile_h - 32 for a, b in zip(grid.ys, grid.ys[1:]))
 
 
 def test_tiling_bounds_what_the_network_sees_and_stays_close() -> None:

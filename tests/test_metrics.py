@@ -103,3 +103,57 @@ def test_latency_sample_memory_is_bounded_and_stays_uniform() -> None:
 def test_fp32_reruns_are_counted_per_job() -> None:
     text = generate_latest(_fed_metrics().registry).decode()
     assert 'deblur_fp32_reruns_total{job_id="job-1"} 3.0' in text
+
+
+def _gauge(metrics: JobMetrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name, {"job_id": metrics.job_id})
+    assert value is not None, name
+    return value
+
+
+def test_last_progress_moves_on_progress_only_and_end_marks_finished() -> None:
+    from deblur.run.pool import Progress
+
+    metrics = JobMetrics("job-1", "mimo-unet")
+    assert _gauge(metrics, "deblur_last_progress_timestamp_seconds") > 0  # the run's start
+    assert _gauge(metrics, "deblur_job_finished_timestamp_seconds") == 0
+    metrics.last_progress.labels("job-1").set(0)
+    progress = Progress(shards_total=2, rows_total=4)
+    metrics.observe_progress(progress, queued=2, running=0)  # a loop turn, nothing done
+    assert _gauge(metrics, "deblur_last_progress_timestamp_seconds") == 0
+    progress.rows_done = 2
+    metrics.observe_progress(progress, queued=1, running=1)
+    assert _gauge(metrics, "deblur_last_progress_timestamp_seconds") > 0
+
+    stopped = JobMetrics("job-2", "mimo-unet")
+    stopped.end(finished=False)  # a signal or a lost lease: not finished
+    assert _gauge(stopped, "deblur_job_finished_timestamp_seconds") == 0
+    metrics.end(finished=True)
+    assert _gauge(metrics, "deblur_job_finished_timestamp_seconds") == \
+        _gauge(metrics, "deblur_last_progress_timestamp_seconds") > 0
+
+
+def test_close_waits_for_the_scrape_that_records_the_end() -> None:
+    """A run ending between two scrapes would otherwise look, to Prometheus, like a driver
+    that died unfinished (DeblurDriverLost)."""
+    import threading
+    import time
+    import urllib.request
+
+    metrics = JobMetrics("job-1", "mimo-unet")
+    port = metrics.serve("127.0.0.1", 0)
+    assert port is not None
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert metrics.scrapes.wait_for_scrape_after(time.monotonic(), 60.0) is False  # no scraper
+    urllib.request.urlopen(url, timeout=10).read()  # a scraper exists
+    metrics.end(finished=True)
+    closer = threading.Thread(target=metrics.close)
+    closer.start()
+    closer.join(1.0)
+    assert closer.is_alive(), "close() did not wait for the final scrape"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    closer.join(30)
+    assert not closer.is_alive()
+    finished = re.search(r'^deblur_job_finished_timestamp_seconds\{job_id="job-1"\} (\S+)$',
+                         text, re.M)
+    assert finished and float(finished.group(1)) > 0, text

@@ -206,7 +206,7 @@ def _same_sequence(storage: Storage, root: str) -> list[object]:
             return
         if isinstance(result, ObjectInfo):
             result = (result.size, result.uri == args[0], result.etag is not None)
-        elif call == storage.put:
+        elif call in (storage.put, storage.put_if_absent):
             result = isinstance(result, str) and result != ""  # a version tag, each its own
         seen.append(result)
 

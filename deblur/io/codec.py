@@ -336,6 +336,16 @@ def output_format(source_format: str, config: CodecConfig) -> str:
     return source_format if config.output_format == "same" else config.output_format
 
 
+CONTENT_TYPE_OF = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+                   "tiff": "image/tiff", "bmp": "image/bmp"}
+
+
+def content_type(source_format: str, config: CodecConfig) -> str:
+    """The MIME type of an output written from a ``source_format`` image: stored with the
+    object, so browsers and CDNs serve it as an image (S3 would say binary/octet-stream)."""
+    return CONTENT_TYPE_OF[output_format(source_format, config)]
+
+
 def output_key(key: str, config: CodecConfig) -> str:
     """The output name for ``key``: unchanged, or with the forced format's extension."""
     if config.output_format == "same":

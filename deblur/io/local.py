@@ -2,7 +2,8 @@
 
 Writes go to a temporary file in the same folder and are renamed into place, so a reader
 never sees a partial file; put-if-absent links that temporary file (``os.link`` fails when the
-name exists), which is both atomic and exclusive. Listings walk folders recursively in sorted
+name exists), which is both atomic and exclusive. put-if-match (compare-and-swap) compares the
+version and renames under an exclusive ``flock`` of the folder's lock file. Listings walk folders recursively in sorted
 order and skip those temporary files; a symbolic link named like an image is listed even when
 it dangles or loops (with no ``etag``), so the planner records it as a failed row rather than
 crashing or dropping it (``link_problem`` says why). A file's version tag (``etag``) is its
@@ -11,12 +12,21 @@ nanosecond mtime and size, since a local file has no ETag.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 
-from deblur.errors import AccessDeniedError, AlreadyExistsError, NotFoundError, StorageError
+from deblur.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    ConflictError,
+    NotFoundError,
+    StorageError,
+)
 from deblur.io.storage import Count, ObjectInfo, has_suffix, to_local_path
 
 TMP_MARK = ".deblur-tmp-"
@@ -53,17 +63,58 @@ class LocalBackend:
             _unlink(tmp)
             raise StorageError(f"cannot write {uri}: {exc.strerror}", uri) from None
 
-    def put_if_absent(self, uri: str, data: bytes) -> None:
+    def put_if_absent(self, uri: str, data: bytes) -> str | None:
         path = to_local_path(uri)
         tmp = _write_temp(uri, path, data)
         try:
             os.link(tmp, path)
+            return _tag(os.stat(tmp))  # the same inode as path, whatever replaced it since
         except FileExistsError:
             raise AlreadyExistsError(f"{uri} already exists", uri) from None
         except OSError as exc:
             raise StorageError(f"cannot create {uri}: {exc.strerror}", uri) from None
         finally:
             _unlink(tmp)
+
+    def put_if_match(self, uri: str, data: bytes, tag: str) -> str | None:
+        path = to_local_path(uri)
+        tmp = _write_temp(uri, path, data)  # outside the lock: the lock covers a stat + rename
+        try:
+            with _folder_lock(uri, path):
+                try:
+                    current = os.stat(path)
+                except FileNotFoundError:
+                    raise ConflictError(f"{uri} vanished since it was read", uri) from None
+                if _tag(current) != tag:
+                    raise ConflictError(f"{uri} changed since it was read (version {tag})",
+                                        uri)
+                # The tag is mtime + size: two versions of equal size written within the
+                # clock's granularity would share it, and a stale writer would then win. Each
+                # compare-and-swap therefore moves the mtime strictly forward.
+                stamp = max(time.time_ns(), current.st_mtime_ns + 1)
+                os.utime(tmp, ns=(stamp, stamp))
+                written = _tag(os.stat(tmp))
+                os.replace(tmp, path)
+                return written
+        except OSError as exc:
+            raise StorageError(f"cannot write {uri}: {exc.strerror}", uri) from None
+        finally:
+            _unlink(tmp)
+
+    def get_tagged(self, uri: str) -> tuple[bytes, str | None]:
+        try:
+            with open(to_local_path(uri), "rb") as handle:
+                # fstat of the open file: the tag of the very version read, even if a writer
+                # renames a new one into place meanwhile.
+                return handle.read(), _tag(os.fstat(handle.fileno()))
+        except FileNotFoundError:
+            raise NotFoundError(f"{uri} does not exist", uri) from None
+        except IsADirectoryError:
+            raise NotFoundError(f"{uri} is a folder, not a file", uri) from None
+        except PermissionError:
+            raise AccessDeniedError(f"no permission to read {uri}", uri) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror}", uri) from None
 
     def list(self, prefix: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
         root = to_local_path(prefix)
@@ -128,6 +179,24 @@ def _write_temp(uri: str, path: str, data: bytes) -> str:
         _unlink(tmp)
         raise StorageError(f"cannot write {uri}: {exc.strerror}", uri) from None
     return tmp
+
+
+@contextlib.contextmanager
+def _folder_lock(uri: str, path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder's lock file (named with ``TMP_MARK``, so
+    listings skip it). The kernel releases it when its holder dies, so a writer killed
+    mid-commit never leaves the folder locked. The file is never deleted: deleting it would
+    let two writers lock two different files of the same name."""
+    lock_path = os.path.join(os.path.dirname(path) or ".", TMP_MARK + "lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot lock {uri}: {exc.strerror}", uri) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _walk(root: str, folder: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:

@@ -31,8 +31,10 @@ from deblur.config import StorageConfig
 from deblur.errors import (
     AccessDeniedError,
     AlreadyExistsError,
+    ConflictError,
     NotFoundError,
     StorageError,
+    StoreUnavailableError,
     ThrottledError,
 )
 from deblur.io.storage import Count, ObjectInfo, as_folder, has_suffix, parse_s3
@@ -134,11 +136,29 @@ class S3Backend:
         reply = self._call(uri, "put_object", Bucket=bucket, Key=key, Body=data, **extra)
         return _etag(reply)
 
-    def put_if_absent(self, uri: str, data: bytes) -> None:
+    def put_if_absent(self, uri: str, data: bytes) -> str | None:
         # S3 refuses the conditional write with 412 (or 409 when two race); _client_error
         # turns both into AlreadyExistsError.
         bucket, key = parse_s3(uri)
-        self._call(uri, "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return _etag(self._call(uri, "put_object", Bucket=bucket, Key=key, Body=data,
+                                IfNoneMatch="*"))
+
+    def put_if_match(self, uri: str, data: bytes, tag: str) -> str | None:
+        # S3 answers 412 when the ETag differs (409 when two conditional writes race) and
+        # 404 when the object is gone: all three mean "re-read and merge again".
+        bucket, key = parse_s3(uri)
+        try:
+            reply = self._call(uri, "put_object", Bucket=bucket, Key=key, Body=data,
+                               IfMatch=f'"{tag}"')
+        except (AlreadyExistsError, NotFoundError):
+            raise ConflictError(f"{uri} changed since it was read (version {tag})",
+                                uri) from None
+        return _etag(reply)
+
+    def get_tagged(self, uri: str) -> tuple[bytes, str | None]:
+        bucket, key = parse_s3(uri)
+        response = self._call(uri, "get_object", Bucket=bucket, Key=key)
+        return _read_body(uri, response), _etag(response)
 
     def list(self, prefix: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
         # A folder, so that s3://b/in does not also list s3://b/in-other/.
@@ -181,7 +201,7 @@ def _translated(uri: str, method: str) -> Iterator[None]:
             f"no usable AWS credentials for {uri}: set AWS_ACCESS_KEY_ID and "
             f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance/pod role", uri) from None
     except BotoCoreError as exc:  # connection refused/reset after retries, timeouts
-        raise StorageError(f"{method} {uri} failed: {type(exc).__name__}: "
+        raise StoreUnavailableError(f"{method} {uri} failed: {type(exc).__name__}: "
                            f"{_redact(str(exc))}", uri) from None
 
 
@@ -189,7 +209,7 @@ def _read_body(uri: str, response: dict[str, Any]) -> bytes:
     try:
         return response["Body"].read()
     except Exception as exc:  # noqa: BLE001 - a reset mid-body, after botocore's retries
-        raise StorageError(f"reading {uri} failed mid-transfer: "
+        raise StoreUnavailableError(f"reading {uri} failed mid-transfer: "
                            f"{type(exc).__name__}", uri) from None
 
 
@@ -223,4 +243,6 @@ def _client_error(uri: str, method: str, exc: ClientError) -> StorageError:
     message = f"{method} {uri} failed ({code}): {_redact(str(error.get('Message', '')))}"
     if code == "InvalidRange" or status == "416":
         return _RangeNotSatisfiable(message, uri)
+    if status.startswith("5"):  # 500/502/504 after every retry: the store, not the object
+        return StoreUnavailableError(message, uri)
     return StorageError(message, uri)

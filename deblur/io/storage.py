@@ -1,7 +1,7 @@
 """One small interface over ``s3://bucket/key`` and local paths / ``file://`` URIs.
 
-``Storage`` is what callers use: get / get_range / put / put_if_absent / list / head / exists /
-delete on full URIs. It counts every request by S3 class (``ops``) and hands the call to the
+``Storage`` is what callers use: get / get_tagged / get_range / put / put_if_absent /
+put_if_match / list / head / exists / delete on full URIs. It counts every request by S3 class (``ops``) and hands the call to the
 backend the URI's scheme picks: ``deblur.io.s3`` (boto3, botocore retries, typed errors, no
 credential in any message) or ``deblur.io.local`` (atomic writes by rename, exclusive
 put-if-absent by hard link). Both implement ``Backend`` below and raise the typed errors of
@@ -13,6 +13,8 @@ The URI helpers live here too, so callers and both backends spell URIs one way.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +27,24 @@ from deblur.errors import NotFoundError, StorageError
 
 if TYPE_CHECKING:
     from deblur.io.s3 import S3Backend
+
+
+# Who else hears of a retried request made in this context: botocore retries in the caller's
+# own thread, so a worker running several shards at once attributes each retry to the shard
+# whose request it was (``retries_counted_by``), not to every shard in flight at the time.
+_RETRY_SINK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "deblur_storage_retry_sink", default=None)
+
+
+@contextlib.contextmanager
+def retries_counted_by(sink: Callable[[], None]) -> Iterator[None]:
+    """Call ``sink()`` once for every request retried inside this block (this thread), as
+    well as counting it in ``Storage.retries``."""
+    token = _RETRY_SINK.set(sink)
+    try:
+        yield
+    finally:
+        _RETRY_SINK.reset(token)
 
 
 @dataclass(frozen=True)
@@ -95,7 +115,11 @@ class Backend(Protocol):
 
     def put(self, uri: str, data: bytes, content_type: str | None) -> str | None: ...
 
-    def put_if_absent(self, uri: str, data: bytes) -> None: ...
+    def put_if_absent(self, uri: str, data: bytes) -> str | None: ...
+
+    def put_if_match(self, uri: str, data: bytes, tag: str) -> str | None: ...
+
+    def get_tagged(self, uri: str) -> tuple[bytes, str | None]: ...
 
     def list(self, prefix: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
         """``suffixes`` are lower-case (see ``has_suffix``); each page after the first is
@@ -136,6 +160,9 @@ class Storage:
     def _retried(self) -> None:
         with self._lock:
             self.retries += 1
+        sink = _RETRY_SINK.get()
+        if sink is not None:
+            sink()
 
     def _s3_backend(self) -> S3Backend:
         if self._s3 is None:
@@ -180,14 +207,31 @@ class Storage:
         self._count("PUT")
         return self._backend(uri).put(uri, data, content_type)
 
-    def put_if_absent(self, uri: str, data: bytes) -> None:
+    def put_if_absent(self, uri: str, data: bytes) -> str | None:
         """Create the object only if nothing is there; raise AlreadyExistsError otherwise.
 
         Of two racing writers exactly one succeeds (S3 conditional write ``If-None-Match: *``;
-        locally a hard link, which fails when the name exists).
+        locally a hard link, which fails when the name exists). Returns the version tag.
         """
         self._count("PUT")
-        self._backend(uri).put_if_absent(uri, data)
+        return self._backend(uri).put_if_absent(uri, data)
+
+    def put_if_match(self, uri: str, data: bytes, tag: str) -> str | None:
+        """Replace the object only if it is still the version ``tag`` (from ``get_tagged``,
+        ``head``, ``list`` or a put); raise ConflictError if it changed or vanished since.
+
+        Compare-and-swap: of two writers that read the same version, exactly one wins, so a
+        writer holding a stale copy can never overwrite a newer one (S3 ``If-Match``; locally
+        the compare and the rename happen under an exclusive lock on the folder). Returns the
+        new version's tag.
+        """
+        self._count("PUT")
+        return self._backend(uri).put_if_match(uri, data, tag)
+
+    def get_tagged(self, uri: str) -> tuple[bytes, str | None]:
+        """The object's bytes and the tag of exactly that version (for ``put_if_match``)."""
+        self._count("GET")
+        return self._backend(uri).get_tagged(uri)
 
     def list(self, prefix: str, suffixes: tuple[str, ...] | None = None
              ) -> Iterator[ObjectInfo]:

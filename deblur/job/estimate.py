@@ -22,6 +22,7 @@ from deblur.io import codec
 from deblur.config import JobConfig
 from deblur.errors import ConfigError, ImageError, ManifestError, StorageError
 from deblur.job.manifest import is_manifest, plan_rows
+from deblur.job.parallel import parallel_files
 from deblur.io.storage import Storage
 
 HEADER_BYTES = 64 * 1024  # one ranged GET; almost every header fits in the first one
@@ -40,6 +41,15 @@ THROUGHPUT: dict[tuple[str, str], tuple[float, str]] = {
         "bench/model.py on dev-cpu (2 cores, torch 2.13 CPU), 256x256 fp32 batch 1: "
         "0.86 images/s; docs/benchmarks.md, 2026-11-24"),
 }
+
+# Planning, one process: rows per second, peak RSS and its growth past the fixed buffers of
+# deblur/job/dedup.py, and local disk per row (spool + digests), each where it was measured.
+PLANNING_ROWS_PER_S = 345_000
+PLANNING_PEAK_MIB = 360.0  # at PLANNING_MEASURED_ROWS
+PLANNING_MEASURED_ROWS = 10_000_000
+PLANNING_MIB_PER_M = 2.3  # beyond ~3 M rows, where the digest buffers are full
+PLANNING_SOURCE = ("bench/manifest.py on dev-cpu (2 cores, shared with other work), one "
+                   "Parquet file of 10 M keys, local disk; docs/scaling.md, 2026-11-26")
 
 # S3 Standard request prices, us-east-1, USD per 1000 requests (LIST is priced as PUT).
 PRICE_PER_1000 = {"GET": 0.0004, "PUT": 0.005, "LIST": 0.005, "HEAD": 0.0004}
@@ -92,6 +102,9 @@ class PlanReport:
     """Requests a first run would make, by S3 class."""
     request_items: list[dict[str, Any]] = field(default_factory=list)
     request_cost_usd: float = 0.0
+    planning: dict[str, Any] = field(default_factory=dict)
+    """How a run would plan this source: files, path, parallel tasks, expected time, memory
+    and local disk (``_planning``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,7 +272,42 @@ def _stream_rows(report: PlanReport, config: JobConfig, storage: Storage, sample
                             f"(image extensions only) or the manifest's key column")
     report.rows, report.invalid = counts.rows, dict(counts.invalid)
     report.shards = math.ceil(counts.rows / config.shard_size)  # iter_shards: every row
+    tasks = 0
+    if planner.source_files > 1 and parallel_files(config, storage):
+        tasks = min(config.plan_tasks, planner.source_files)
+    _planning(report, planner, tasks)
     return sample
+
+
+def _planning(report: PlanReport, planner: Any, tasks: int = 0) -> None:
+    """Which path planning takes (this plan took the one-process path) and what it costs at
+    the measured rates (not this plan's own time: a report is the same each time). With
+    ``tasks``, a run plans the files as that many Ray tasks at once,
+    each file twice (deblur/job/parallel.py): expected time from the one-process rate."""
+    rows = report.rows
+    files = planner.source_files
+    source = (f"{files} manifest file{'s' if files != 1 else ''} streamed by ranged GETs"
+              if files else "a listing of the prefix, streamed page by page")
+    peak = PLANNING_PEAK_MIB + PLANNING_MIB_PER_M * max(
+        0.0, (rows - PLANNING_MEASURED_ROWS) / 1e6)
+    path = ("one process, two passes: provisional rows to a local spool, duplicates found "
+            "by digest partitions and confirmed on the keys")
+    if tasks:
+        path = (f"{tasks} Ray tasks at once, one per file (digests, then shards); the "
+                f"driver finds duplicates by digest partitions, confirmed on the keys")
+    report.planning = {
+        "source": source,
+        "source_files": files,
+        "parallel_tasks": tasks,
+        "path": path,
+        "duplicates": ("digests spilled to local disk" if planner.spilled
+                       else "digests in memory"),
+        "expected_seconds": round(rows / PLANNING_ROWS_PER_S * (2 / tasks if tasks else 1),
+                                  1),
+        "expected_peak_rss_mib": round(peak),
+        "local_disk_bytes": planner.spool_bytes + 16 * planner.spilled,
+        "measured": PLANNING_SOURCE,
+    }
 
 
 def _printable(text: str) -> str:
@@ -385,6 +433,15 @@ def render(report: PlanReport) -> str:
                  f"(startup not included)")
     lines.append(f"  throughput: {report.mp_per_s_per_gpu:.4f} MP/s per device, "
                  f"{report.throughput_source}")
+    plan = report.planning
+    if plan:
+        tasks = plan["parallel_tasks"]
+        lines.append(f"planning:     {plan['source']}; {plan['path']} "
+                     f"({plan['duplicates']}); "
+                     + (f"{tasks} parallel tasks" if tasks else "no parallel tasks"))
+        lines.append(f"  expected:   ~{plan['expected_seconds']:,.0f} s, peak memory "
+                     f"~{plan['expected_peak_rss_mib']:,} MiB, local disk "
+                     f"{plan['local_disk_bytes'] / 1e6:,.1f} MB; {plan['measured']}")
     cost = report.request_cost_usd
     cost = f"{cost:,.2f}" if cost >= 1 else f"{cost:.4f}"
     lines.append("requests:     " + ", ".join(f"{op} {n:,}" for op, n in report.requests.items()

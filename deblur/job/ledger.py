@@ -7,6 +7,7 @@ restarted driver on another machine) sees the same truth.
     <job_root>/shards/00000.parquet   planned rows: row_id, key, output_key, reference, error
     <job_root>/results/00000.parquet  one row per shard row: ok, or failed with a reason
     <job_root>/index.parquet          one summary row per done shard (the driver keeps it)
+    <job_root>/attempts/00000.json    failed attempts of a shard (only shards that failed)
     <job_root>/cancel                 present while a cancel is requested
     <job_root>/summary.json           totals when a run ends
     <job_root>/metrics/<ms>.json      metric snapshots while a run goes on
@@ -22,15 +23,16 @@ put-if-absent), so its existence means "planned".
 
 lease.json says a driver is working on the job: holder id and expiry (now + ttl), renewed
 every ttl/3 and deleted when the run ends. Resume and rerun refuse a live lease held by
-another driver and take over an expired one (a killed driver). The storage layer has no
-compare-and-swap on an ETag, so a takeover is delete + put-if-absent: two takers cannot both
-create it, but in the window between one taker's read of the expired lease and its delete,
-another taker may already have replaced it, and the first then deletes the second's fresh
-lease. That window is a few milliseconds per takeover and only opens after a driver died.
-a shard is done iff its result object exists. A result is written whole (S3 put, or a local
-rename) and only after every output of the shard was uploaded. A rerun merges: rows already ok
-are kept as they were, the rest are replaced, and the merge asserts that every row of the shard
-appears exactly once.
+another driver and take over an expired one (a killed driver). Takeovers and renewals are a
+compare-and-swap on the version read (``Storage.put_if_match``): of two takers exactly one
+wins, and a driver presumed dead cannot renew over its successor's lease.
+
+A shard is done iff its result object exists. A result is written whole (S3 put, or a local
+rename) and only after every output of the shard was uploaded, with a conditional write: the
+first with put-if-absent, a merge with put-if-match on the version it merged with, so a
+stale writer never overwrites a newer result; a writer that loses re-reads, merges again and
+retries. The merge (``merge_results``) keeps every ok row as it was, replaces the rest, and
+asserts that every row of the shard appears exactly once.
 
 The index makes status and rerun cost O(shards), not O(images): each row holds a shard's
 counts, failure reasons, finish times, quality sums and the version tag (ETag / mtime+size) of
@@ -41,10 +43,12 @@ the index is a cache of the results, never a second source of truth.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import socket
@@ -61,8 +65,17 @@ import pyarrow.parquet as pq
 
 from deblur import __version__
 from deblur.config import JobConfig, from_dict
-from deblur.errors import AlreadyExistsError, ConfigError, ManifestError, NotFoundError
-from deblur.job.manifest import SHARD_SCHEMA, iter_shards, plan_rows
+from deblur.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    ConflictError,
+    ManifestError,
+    NotFoundError,
+    StorageError,
+    StoreUnavailableError,
+    ThrottledError,
+)
+from deblur.job.manifest import SHARD_SCHEMA, PlanCounts, iter_shards, plan_rows
 from deblur.io import codec
 from deblur.io.storage import Storage, as_folder, join
 
@@ -125,6 +138,13 @@ PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision
 """Failures a rerun cannot fix: they come from the manifest itself."""
 
 UPLOAD_THREADS = 16
+_EXPLICIT_STORAGE = {"endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+                     "region": ("AWS_REGION", "AWS_DEFAULT_REGION")}
+"""Environment variables that name a storage setting explicitly (over the recorded one).
+Retry mode and attempts have none: the client always takes them from the config."""
+COMMIT_ROUNDS = 50
+"""Conditional commits of one shard that may lose to concurrent writers before giving up (a
+shard has at most a handful: a stale actor, a retry, a second driver)."""
 INDEX_NAME = "index.parquet"
 JOB_NAME = "job.json"
 CLAIM_NAME = "claim.json"
@@ -303,7 +323,58 @@ class LeaseKeeper:
 
 
 def _shard_name(shard_id: int) -> str:
+    # Five digits keep the first 100,000 names in numeric order when listed; more shards
+    # get longer names ("123456.parquet"), which _shard_of reads back whole.
     return f"{shard_id:05d}.parquet"
+
+
+def _shard_of(name: str) -> int | None:
+    """The shard number of a shard or result file name (``00042.parquet``, ``123456.parquet``),
+    or None for any other name."""
+    stem = name.rsplit("/", 1)[-1].removesuffix(".parquet")
+    return int(stem) if stem.isdigit() and stem.isascii() else None
+
+
+def recorded_storage(config: Any) -> dict[str, Any]:
+    """The storage settings a job records in job.json: the config's, with the endpoint and
+    region the environment supplied filled in, and never a credential (an endpoint's
+    ``user:password@`` part is dropped)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")
+    if endpoint:
+        parts = urlsplit(endpoint)
+        if parts.username or parts.password:
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+        endpoint = urlunsplit(parts)
+    region = config.region or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION")
+    return {"endpoint_url": endpoint or None, "region": region or None,
+            "retry_mode": config.retry_mode, "max_attempts": config.max_attempts}
+
+
+def merge_results(previous: pa.Table | None, results: pa.Table) -> pa.Table:
+    """A shard's result after ``results`` lands on ``previous``, sorted by row id.
+
+    An ok row of ``previous`` always stays (a stale or concurrent attempt can never turn it
+    into a failure, nor rewrite it); every other row comes from ``results`` when it has one,
+    else stays as it was.
+    """
+    if previous is None:
+        return results.sort_by("row_id")
+    ok_before = previous.filter(pc.equal(previous["status"], "ok"))
+    fresh = results.filter(pc.invert(pc.is_in(results["row_id"],
+                                              value_set=ok_before["row_id"])))
+    others = previous.filter(pc.and_(
+        pc.invert(pc.equal(previous["status"], "ok")),
+        pc.invert(pc.is_in(previous["row_id"], value_set=fresh["row_id"]))))
+    return pa.concat_tables([ok_before, fresh, others]).sort_by("row_id")
+
+
+def write_shard(job_root: str, storage: Storage, shard_id: int, table: pa.Table) -> None:
+    """Store one planned shard (for planning tasks, which hold no Ledger)."""
+    storage.put(as_folder(job_root) + "shards/" + _shard_name(shard_id), _parquet_bytes(table))
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -414,6 +485,38 @@ class Ledger:
     def _plan(self, config: JobConfig, job_id: str, model_info: dict[str, Any]
               ) -> dict[str, Any]:
         storage = self.storage
+        from deblur.job.parallel import parallel_files, plan_in_tasks
+
+        files = parallel_files(config, storage)
+        if files:  # several Parquet files and plan_tasks set: Ray tasks write the shards
+            counts = plan_in_tasks(config, storage, files,
+                                   functools.partial(write_shard, self.job_root))
+            shards = counts.shards
+        else:
+            counts, shards = self._plan_here(config)
+        if counts.rows == 0:
+            raise ManifestError(f"source {config.source} lists no images: check the prefix "
+                                f"(image extensions only) or the manifest's key column")
+        job = {"job_id": job_id, "created_at": time.time(), "code_version": __version__,
+               "source": config.source, "destination": config.destination,
+               "rows": counts.rows, "shards": shards, "plan": counts.to_dict(),
+               "model": model_info, "config": config.to_dict(),
+               "storage": recorded_storage(config.storage)}
+        try:
+            storage.put_if_absent(self._path(JOB_NAME),
+                                  json.dumps(job, indent=2, default=str).encode())
+        except AlreadyExistsError:
+            # A retried conditional PUT can find its own first attempt (the reply was lost).
+            found = _json_object(storage.get(self._path(JOB_NAME))) or {}
+            if found.get("job_id") == job_id:
+                return job
+            raise ConfigError(f"another driver planned a job at {self.job_root} at the same "
+                              f"time; use a different --job-root") from None
+        return job
+
+    def _plan_here(self, config: JobConfig) -> tuple[PlanCounts, int]:
+        """Plan in this process: (counts, shards written)."""
+        storage = self.storage
         batches, planner = plan_rows(config.source, config.destination, storage, config.codec,
                                      job=config)
         shards = 0
@@ -433,29 +536,47 @@ class Ledger:
                 future.result()
         counts = planner.counts
         counts.shards = shards
-        if counts.rows == 0:
-            raise ManifestError(f"source {config.source} lists no images: check the prefix "
-                                f"(image extensions only) or the manifest's key column")
-        job = {"job_id": job_id, "created_at": time.time(), "code_version": __version__,
-               "source": config.source, "destination": config.destination,
-               "rows": counts.rows, "shards": shards, "plan": counts.to_dict(),
-               "model": model_info, "config": config.to_dict()}
-        try:
-            storage.put_if_absent(self._path(JOB_NAME),
-                                  json.dumps(job, indent=2, default=str).encode())
-        except AlreadyExistsError:
-            # A retried conditional PUT can find its own first attempt (the reply was lost).
-            found = _json_object(storage.get(self._path(JOB_NAME))) or {}
-            if found.get("job_id") == job_id:
-                return job
-            raise ConfigError(f"another driver planned a job at {self.job_root} at the same "
-                              f"time; use a different --job-root") from None
-        return job
+        return counts, shards
 
     @classmethod
     def open(cls, storage: Storage, job_root: str) -> Ledger:
         ledger = cls(storage, job_root)
         ledger.job()
+        return ledger
+
+    @classmethod
+    def open_recorded(cls, job_root: str) -> Ledger:
+        """Open the job with the storage settings its run recorded in job.json (endpoint,
+        region, retry mode and attempts; never credentials). The endpoint and region given
+        explicitly in the environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION`` /
+        ``AWS_DEFAULT_REGION``) win over the recorded ones.
+
+        job.json itself is read with the environment's settings: an S3 job root on a custom
+        endpoint needs ``AWS_ENDPOINT_URL`` to be found at all; everything after (the
+        images a report shows, the job root's other objects) uses the recorded ones.
+        """
+        from dataclasses import fields, replace
+
+        from deblur.config import StorageConfig
+        from deblur.io.storage import get_storage
+
+        ledger = cls.open(get_storage(), job_root)
+        job = ledger.job()
+        # job.json's "storage" has what the run really used (endpoint from its environment
+        # too); jobs planned before it was recorded have their config's section only.
+        recorded = job.get("storage") or (job.get("config") or {}).get("storage") or {}
+        known = {f.name for f in fields(StorageConfig)}
+        chosen = {name: value for name, value in recorded.items()
+                  if name in known and value is not None
+                  and not any(os.environ.get(var) for var in _EXPLICIT_STORAGE.get(name, ()))}
+        try:
+            config = replace(StorageConfig(), **chosen)
+            config.validate()
+        except (TypeError, ConfigError) as exc:
+            log.warning("ignoring the storage settings recorded in job.json: %s", exc)
+            return ledger
+        if config != ledger.storage.config:
+            ledger.storage = get_storage(config)
         return ledger
 
     def job(self) -> dict[str, Any]:
@@ -504,9 +625,9 @@ class Ledger:
         done = set()
         try:
             for info in self.storage.list(self._path("results"), (".parquet",)):
-                name = info.key.rsplit("/", 1)[-1]
-                if name[:5].isdigit():
-                    done.add(int(name[:5]))
+                shard = _shard_of(info.key)
+                if shard is not None:
+                    done.add(shard)
         except NotFoundError:
             pass  # no results folder yet
         return done
@@ -542,33 +663,130 @@ class Ledger:
         if isinstance(results, list):
             results = pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
         results = results.cast(RESULT_SCHEMA)
-        previous = self.read_result(shard_id)
-        if previous is not None:
-            kept = previous.filter(pc.and_(
-                pc.equal(previous["status"], "ok"),
-                pc.invert(pc.is_in(previous["row_id"], value_set=results["row_id"]))))
-            results = pa.concat_tables([kept, results])
-        # The previous result is re-read (another attempt may have committed since); the
-        # planned row ids never change, so a caller that read them passes them in.
+        # The planned row ids never change, so a caller that read them passes them in.
         if planned_ids is None:
             planned_ids = self.read_shard(shard_id)["row_id"]
-        expected = planned_ids.to_pylist()
-        got = sorted(results["row_id"].to_pylist())
-        if got != sorted(expected):
-            missing = sorted(set(expected) - set(got))[:5]
-            extra = len(got) - len(set(got))
-            raise AssertionError(f"shard {shard_id} result would lose rows {missing} or repeat "
-                                 f"{extra}; refusing to commit")
-        results = results.sort_by("row_id")
-        tag = self.storage.put(self._path("results", _shard_name(shard_id)),
-                               _parquet_bytes(results))
-        return summarise(shard_id, results, tag)
+        expected = sorted(planned_ids.to_pylist())
+        uri = self._path("results", _shard_name(shard_id))
+        for round_no in range(COMMIT_ROUNDS):
+            # Re-read on every round: another attempt (a stale actor, a second driver) may
+            # have committed since, and its ok rows must survive this write.
+            previous, previous_tag = self._read_result_tagged(shard_id)
+            merged = merge_results(previous, results)
+            got = sorted(merged["row_id"].to_pylist())
+            if got != expected:
+                missing = sorted(set(expected) - set(got))[:5]
+                extra = len(got) - len(set(got))
+                raise AssertionError(f"shard {shard_id} result would lose rows {missing} or "
+                                     f"repeat {extra}; refusing to commit")
+            data = _parquet_bytes(merged)
+            try:
+                if previous is None:
+                    tag = self.storage.put_if_absent(uri, data)
+                else:
+                    tag = self.storage.put_if_match(uri, data, previous_tag or "")
+            except (AlreadyExistsError, ConflictError):
+                # Lost the race to another writer: merge again from what it wrote.
+                log.info("shard %d: result changed while committing (round %d); merging "
+                         "again", shard_id, round_no + 1)
+                time.sleep(random.uniform(0, 0.05 * (round_no + 1)))
+                continue
+            return summarise(shard_id, merged, tag)
+        raise ConflictError(f"shard {shard_id}: {COMMIT_ROUNDS} commits in a row lost to "
+                            f"concurrent writers of {uri}", uri)
+
+    def _read_result_tagged(self, shard_id: int) -> tuple[pa.Table | None, str | None]:
+        try:
+            data, tag = self.storage.get_tagged(self._path("results", _shard_name(shard_id)))
+        except NotFoundError:
+            return None, None
+        return pq.read_table(io.BytesIO(data), schema=RESULT_SCHEMA), tag
+
+    def reachable(self) -> bool:
+        """Whether the store answers at all (one HEAD of job.json): False only for an outage
+        (unreachable, 5xx or throttled after the client's retries), True for any answer."""
+        try:
+            self.storage.head(self._path(JOB_NAME))
+        except (StoreUnavailableError, ThrottledError):
+            return False
+        except StorageError:
+            return True  # an answer (not found, denied, …): the store is there
+        return True
+
+    # -- attempts: what failed, kept across driver restarts ----------------------------------
+
+    def _attempts_uri(self, shard_id: int) -> str:
+        return self._path("attempts", _shard_name(shard_id).removesuffix(".parquet") + ".json")
+
+    def record_failure(self, shard_id: int, reason: str, detail: str, *,
+                       lost: bool) -> dict[str, Any]:
+        """Count one failed attempt of the shard in ``attempts/NNNNN.json`` and return the
+        record: ``failures`` (attempts spent), ``lost`` (of those, its worker died) and the
+        last few reasons. Only shards that failed have one, and only the driver writes them
+        (it holds the lease), so a plain put does."""
+        record = self.read_attempt(shard_id)
+        record["failures"] += 1
+        record["lost"] += int(lost)
+        record["history"] = [*record["history"][-9:],
+                             {"time": time.time(), "reason": reason, "detail": detail[:500]}]
+        self.storage.put(self._attempts_uri(shard_id), json.dumps(record).encode())
+        return record
+
+    def read_attempt(self, shard_id: int) -> dict[str, Any]:
+        try:
+            found = _json_object(self.storage.get(self._attempts_uri(shard_id))) or {}
+        except NotFoundError:
+            found = {}
+        return {"failures": int(found.get("failures", 0)), "lost": int(found.get("lost", 0)),
+                "history": list(found.get("history", []))}
+
+    def read_attempts(self) -> dict[int, dict[str, Any]]:
+        """Every shard's attempt record (one LIST, then one GET per shard that ever failed)."""
+        try:
+            infos = list(self.storage.list(self._path("attempts"), (".json",)))
+        except NotFoundError:
+            return {}
+        shards = [s for s in (_shard_of(i.key.removesuffix(".json") + ".parquet")
+                              for i in infos) if s is not None]
+        return {shard: self.read_attempt(shard) for shard in shards}
+
+    def clear_attempts(self, shards: Iterable[int]) -> None:
+        """Forget the failures of ``shards`` (`deblur rerun` starts their count afresh)."""
+        recorded = set(self.read_attempts())
+        for shard in shards:
+            if shard in recorded:
+                self.storage.delete(self._attempts_uri(shard))
 
     def iter_results(self) -> Iterator[pa.Table]:
         for shard in sorted(self.done_shards()):
             table = self.read_result(shard)
             if table is not None:
                 yield table
+
+    FAILED_COLUMNS = ("row_id", "key", "output_key", "reason", "error", "attempt", "worker",
+                      "finished_at")
+
+    def failed_rows(self, reason: str | None = None,
+                    index: dict[int, ShardSummary] | None = None) -> Iterator[dict[str, Any]]:
+        """Failed result rows (``FAILED_COLUMNS``; only ``reason``'s if given), in shard order.
+
+        Streams: one shard's result is in memory at a time, and only shards whose index row
+        counts such failures are read, so naming the failures of a million-image job costs a
+        GET per shard that has any.
+        """
+        index = self.index() if index is None else index
+        for shard in sorted(index):
+            summary = index[shard]
+            if not summary.failed or (reason is not None
+                                      and reason not in summary.reason_counts()):
+                continue
+            table = self.read_result(shard)
+            if table is None:
+                continue
+            wanted = pc.equal(table["status"], "failed")
+            if reason is not None:
+                wanted = pc.and_(wanted, pc.equal(table["reason"], reason))
+            yield from table.filter(wanted).select(list(self.FAILED_COLUMNS)).to_pylist()
 
     # -- the index: status and rerun in O(shards) -------------------------------------------
 
@@ -598,10 +816,9 @@ class Ledger:
         stale: list[tuple[int, str | None]] = []
         try:
             for info in self.storage.list(self._path("results"), (".parquet",)):
-                name = info.key.rsplit("/", 1)[-1]
-                if not name[:5].isdigit():
+                shard = _shard_of(info.key)
+                if shard is None:
                     continue
-                shard = int(name[:5])
                 row = cached.get(shard)
                 if row is not None and row.tag is not None and row.tag == info.etag:
                     current[shard] = row
@@ -661,6 +878,25 @@ class Ledger:
         except NotFoundError:
             return None
 
+    def state(self) -> tuple[str, str | None]:
+        """(state, error) for `status` and `list`: ``running`` while a driver's lease is live,
+        else what the last run's summary says (``finished``, ``stopped``, ``failed_to_start``,
+        ``failed``), else ``planned`` (no run has ended yet, or its driver was killed)."""
+        if self.live_lease() is not None:
+            return "running", None
+        summary = self.read_summary()
+        if summary is None:
+            return "planned", None
+        # A summary from before states were recorded: its pending count tells.
+        state = summary.get("state") or ("stopped" if summary.get("pending") else "finished")
+        return state, summary.get("error")
+
+    def write_log(self, name: str, text: str) -> str:
+        """A log file under ``logs/`` (e.g. a worker's start traceback); returns its URI."""
+        uri = self._path("logs", name)
+        self.storage.put(uri, text.encode(), "text/plain; charset=utf-8")
+        return uri
+
     def write_snapshot(self, snapshot: dict[str, Any]) -> None:
         """One metrics snapshot, named by its time so a listing sorts them."""
         self.storage.put(self._path("metrics", f"{int(snapshot['time'] * 1000)}.json"),
@@ -703,19 +939,22 @@ class Ledger:
 
     def read_lease(self) -> Lease | None:
         """lease.json, or None; an unreadable one reads as expired (it can be taken over)."""
+        return self._read_lease_tagged()[0]
+
+    def _read_lease_tagged(self) -> tuple[Lease | None, str | None]:
         try:
-            data = self.storage.get(self._path(LEASE_NAME))
+            data, tag = self.storage.get_tagged(self._path(LEASE_NAME))
         except NotFoundError:
-            return None
+            return None, None
         found = _json_object(data) or {}
         try:
             return Lease(holder=str(found["holder"]), job_id=str(found.get("job_id", "")),
                          destination=str(found.get("destination", "")),
                          acquired_at=float(found.get("acquired_at", 0.0)),
-                         expires_at=float(found["expires_at"]))
+                         expires_at=float(found["expires_at"])), tag
         except (KeyError, TypeError, ValueError):
             return Lease(holder="(unreadable lease.json)", job_id="", destination="",
-                         acquired_at=0.0, expires_at=0.0)
+                         acquired_at=0.0, expires_at=0.0), tag
 
     def live_lease(self) -> Lease | None:
         """The lease of a driver working on the job now (unexpired), or None."""
@@ -727,12 +966,12 @@ class Ledger:
         """Hold lease.json for ``ttl`` seconds (renew it if this ledger holds it already).
 
         Raises ConfigError while another driver holds a live lease; takes over an expired one
-        (delete, then put-if-absent: of two takers only one creates it; see the module doc
-        for the window that remains).
+        with a compare-and-swap on the version read (of two takers exactly one wins), and
+        renews its own the same way (a renewal after another driver took over fails).
         """
         holder = self.holder or new_holder()
         uri = self._path(LEASE_NAME)
-        current = self.read_lease()
+        current, current_tag = self._read_lease_tagged()
         if current is not None and current.holder != holder:
             if current.live:
                 until = _when(current.expires_at)
@@ -742,26 +981,25 @@ class Ledger:
                     f"{until} and retry (`deblur cancel {self.job_root}` stops a live one)")
             log.warning("taking over the lease of %s, which expired at %s (driver gone)",
                         current.holder, _when(current.expires_at))
-            self.storage.delete(uri)
         now = time.time()
         lease = Lease(holder=holder,
                       job_id=job_id if job_id is not None else self.job()["job_id"],
                       destination=(destination if destination is not None
                                    else self.job()["destination"]),
                       acquired_at=now, expires_at=now + ttl)
-        if current is not None and current.holder == holder:
-            self.storage.put(uri, lease.to_json())  # a renewal of our own lease
-        else:
-            try:
+        try:
+            if current is None:
                 self.storage.put_if_absent(uri, lease.to_json())
-            except AlreadyExistsError:
-                found = self.read_lease()
-                # A retried conditional PUT can find its own first attempt.
-                if found is None or found.holder != holder:
-                    who = found.describe() if found else "another driver"
-                    raise ConfigError(f"another driver took over the job at {self.job_root} "
-                                      f"at the same time: {who}; wait for it or retry "
-                                      f"after its lease expires") from None
+            else:  # a renewal of ours, or a takeover of an expired one: only that version
+                self.storage.put_if_match(uri, lease.to_json(), current_tag or "")
+        except (AlreadyExistsError, ConflictError):
+            found = self.read_lease()
+            # A retried conditional PUT can find its own first attempt.
+            if found is None or found.holder != holder:
+                who = found.describe() if found else "another driver"
+                raise ConfigError(f"another driver took over the job at {self.job_root} "
+                                  f"at the same time: {who}; wait for it or retry "
+                                  f"after its lease expires") from None
         self.holder = holder
         return lease
 
@@ -809,10 +1047,12 @@ def list_jobs(storage: Storage, destination: str) -> list[dict[str, Any]]:
             jobs.append({"job_id": info.key.split("/", 1)[0], "job_root": ledger.job_root,
                          "created_at": None, "corrupt": str(exc)})
             continue
+        state, error = ledger.state()
         jobs.append({"job_id": job["job_id"], "job_root": ledger.job_root,
                      "created_at": job["created_at"], "source": job["source"],
                      "rows": job["rows"], "shards": job["shards"],
-                     "shards_done": len(ledger.done_shards())})
+                     "shards_done": len(ledger.done_shards()), "state": state,
+                     **({"error": error} if error else {})})
     return sorted(jobs, key=lambda j: (j["created_at"] is not None, j["created_at"] or 0))
 
 

@@ -12,6 +12,14 @@ Snapshots of the same figures go to ``<job_root>/metrics/`` every ``snapshot_int
 at the end, so a finished job's performance outlives its cluster (``deblur status`` reads the
 last one).
 
+A dead driver takes its series with it, so "no progress" cannot be told from "no driver" by
+the gauges above alone: ``deblur_last_progress_timestamp_seconds`` (run start, every shard that
+finished, run end) and ``deblur_job_finished_timestamp_seconds`` (set to the same time when the
+run ended with nothing left to do or on a cancel request; 0 while it runs) let an alert
+(``DeblurDriverLost``) fire on a job whose newest progress is later than its last end while no
+driver is scraped for it. So that Prometheus sees that end, ``close`` waits (bounded) for one
+more scrape after ``end`` when a scraper has been seen.
+
 Every name below is in ``METRIC_NAMES``; a test checks that the Grafana dashboard and the alert
 rules query only these, so a rename cannot silently break a panel.
 """
@@ -19,7 +27,9 @@ rules query only these, so a rename cannot silently break a panel.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -38,7 +48,39 @@ METRIC_NAMES = (
     "deblur_shards", "deblur_images_pending", "deblur_images_expected", "deblur_workers",
     "deblur_gpu_utilization", "deblur_gpu_memory_bytes", "deblur_storage_retries_total",
     "deblur_shard_retries_total", "deblur_fp32_reruns_total",
+    "deblur_last_progress_timestamp_seconds", "deblur_job_finished_timestamp_seconds",
 )
+
+# The longest ``close`` waits for the scrape that records the run's end. A run that ended is
+# otherwise invisible to Prometheus if it ended between two scrapes (the default interval is
+# 15 s), and DeblurDriverLost would page for a job that finished.
+FINAL_SCRAPE_WAIT_MAX_S = 60.0
+
+
+class ScrapeClock:
+    """A collector that yields nothing and notes when the registry was collected (scraped)."""
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque(maxlen=4)
+        self.cond = threading.Condition()
+
+    def collect(self) -> list[Any]:
+        with self.cond:
+            self.times.append(time.monotonic())
+            self.cond.notify_all()
+        return []
+
+    def wait_for_scrape_after(self, moment: float, max_s: float) -> bool:
+        """Wait until a collect later than ``moment`` (monotonic), at most ~2.5 scrape
+        intervals (as measured) or ``max_s``; at once False if nothing ever scraped."""
+        with self.cond:
+            if not self.times:
+                return False
+            times = list(self.times)
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            limit = min(max_s, 2.5 * max(gaps)) if gaps else max_s
+            return self.cond.wait_for(lambda: self.times[-1] > moment,
+                                      timeout=max(0.0, moment + limit - time.monotonic()))
 
 
 class JobMetrics:
@@ -90,6 +132,18 @@ class JobMetrics:
         self.fp32_reruns = Counter("deblur_fp32_reruns",
                                    "Images rerun in fp32 after a non-finite reduced-precision "
                                    "output", job, registry=r)
+        self.last_progress = Gauge("deblur_last_progress_timestamp_seconds",
+                                   "Unix time of the run's last progress: its start, a shard "
+                                   "finished (ok or failed for good), its end", job, registry=r)
+        self.finished = Gauge("deblur_job_finished_timestamp_seconds",
+                              "Unix time the run ended with nothing left to do or on a cancel "
+                              "request; 0 while it runs", job, registry=r)
+        self.scrapes = ScrapeClock()
+        r.register(self.scrapes)
+        self.last_progress.labels(job_id).set(time.time())
+        self.finished.labels(job_id).set(0)
+        self._rows_seen = 0
+        self._ended: float | None = None
         # Initialise label sets so every series exists from the first scrape (a panel shows
         # 0, not "no data", and `rate()` has a starting point).
         for status in ("ok", "failed"):
@@ -123,7 +177,21 @@ class JobMetrics:
         self.port = self.server.server_address[1]
         return self.port
 
+    def end(self, finished: bool) -> None:
+        """The run is over: ``finished`` when nothing is left to do or a cancel asked for it
+        (an operator needs to do nothing); False for a run stopped early (a signal, a lost
+        lease), which DeblurDriverLost then reports once its driver is gone."""
+        now = time.time()
+        self.last_progress.labels(self.job_id).set(now)
+        if finished:
+            self.finished.labels(self.job_id).set(now)
+        self._ended = time.monotonic()
+
     def close(self) -> None:
+        """Stop serving; after ``end``, first give a scraper (if any ever came) the chance to
+        record the end (see ``FINAL_SCRAPE_WAIT_MAX_S``)."""
+        if self.server is not None and self._ended is not None:
+            self.scrapes.wait_for_scrape_after(self._ended, FINAL_SCRAPE_WAIT_MAX_S)
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -158,7 +226,10 @@ class JobMetrics:
             self.totals["batch_images"] += size
             self.totals["fill_sum"] += fill
         if m.get("wall_s"):
-            self.gpu_util.labels(job, worker).set(min(1.0, m.get("busy_s", 0.0) / m["wall_s"]))
+            # The engine's busy share over the shard's wall time (a gauge: shards in flight
+            # together may share it); busy_s is the shard's own part of it.
+            busy = m.get("engine_busy_s", m.get("busy_s", 0.0))
+            self.gpu_util.labels(job, worker).set(min(1.0, busy / m["wall_s"]))
         self.gpu_memory.labels(job, worker).set(m.get("gpu_memory_bytes", 0))
         self.queue.labels(job, worker, "decoded").set(m.get("queue_peak", 0))
         self.fp32_reruns.labels(job).inc(m.get("fp32_reruns", 0))
@@ -168,6 +239,9 @@ class JobMetrics:
 
     def observe_progress(self, progress: Any, queued: int, running: int) -> None:
         job = self.job_id
+        if progress.rows_done != self._rows_seen:  # called every loop: only real progress
+            self._rows_seen = progress.rows_done
+            self.last_progress.labels(job).set(time.time())
         self.shards.labels(job, "done").set(progress.shards_done)
         self.shards.labels(job, "running").set(running)
         self.shards.labels(job, "queued").set(queued)
@@ -191,6 +265,8 @@ class JobMetrics:
                 "shards_total": progress.shards_total, "retries": progress.retries,
                 "workers_active": progress.workers_active,
                 "workers_pending": progress.workers_pending,
+                # What a pending worker waits for (e.g. "GPU: 1"): demand the cluster lacks.
+                "waiting_for": getattr(progress, "waiting_for", ""),
                 "bytes_in": totals["bytes_in"], "bytes_out": totals["bytes_out"],
                 "batches": totals["batches"],
                 "mean_batch_size": (totals["batch_images"] / totals["batches"]

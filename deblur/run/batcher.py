@@ -3,8 +3,10 @@
 An image's bucket is its size rounded up to ``bucket_multiple`` (so 1279x719 and 1280x720 share
 one), plus its dtype. A bucket's batch closes when it holds ``max_batch`` images, when one more
 image would exceed ``pixel_budget`` padded pixels (a batch of 12 MP photos closes at one or
-two where 64 thumbnails fit), or when its oldest image has waited ``max_wait_ms``. Images over
-``tile_pixels`` never wait: they go alone, marked for tiled inference.
+two where 64 thumbnails fit), or when its oldest image has waited ``max_wait_ms``. Images whose
+*padded* pass (their bucket shape) would be over ``tile_pixels`` never wait: they go alone,
+marked for tiled inference. Padded, not raw: a 1 x 1,000,000 strip has a million pixels but
+its pass is at least 4 x 1,000,000 (the network's multiple), and more with a coarser bucket.
 
 No threads and no Ray here: the caller (the worker's engine thread) calls ``add``, ``poll`` and
 ``flush`` and runs what they return. ``clock`` is injectable so tests control time.
@@ -21,6 +23,10 @@ from typing import Generic, TypeVar
 from deblur.config import BatchConfig
 
 T = TypeVar("T")
+
+NET_MULTIPLE = 4
+"""What the network pads each side to (deblur.model.STRIDE, two stride-2 stages; a test keeps
+the two equal): here so the batcher need not import torch."""
 
 
 @dataclass
@@ -70,10 +76,10 @@ class DynamicBatcher(Generic[T]):
     def add(self, item: T, height: int, width: int, dtype: str) -> list[Batch[T]]:
         """Queue one image; returns the batches this closed (possibly none)."""
         now = self.clock()
-        if height * width > self.tile_pixels:
+        shape = bucket_shape(height, width, self.config.bucket_multiple)
+        if shape[0] * shape[1] > self.tile_pixels:  # what the pass would cost, padding included
             return [Batch([item], (height, width), dtype, tiled=True, created=now,
                           closed_reason="tiled")]
-        shape = bucket_shape(height, width, self.config.bucket_multiple)
         key = (shape, dtype)
         pending = self._open.get(key)
         if pending is None:

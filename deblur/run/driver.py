@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from deblur.config import JobConfig
+from deblur.errors import PipelineError
 from deblur.job.ledger import Ledger, quality_means
 from deblur.run.pool import ActorPool, Progress
 
@@ -32,6 +35,43 @@ class JobOutcome:
     @property
     def complete(self) -> bool:
         return self.status.pending == 0
+
+
+class StopSignals(threading.Event):
+    """SIGINT and SIGTERM (what Kubernetes sends a pod) ask the driver to stop: the pool
+    leaves its loop at the next turn, kills its actors, and the driver writes the index and
+    summary.json and exits 3, leaving the job resumable. A flag, not an exception, so no
+    ledger write is cut in half. A second signal raises KeyboardInterrupt (stop harder).
+
+    Installed after Ray starts: ``ray.init`` replaces the SIGTERM handler with one that
+    calls ``sys.exit(15)``, which left no summary.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.signal(sig, self._handle)
+                self.previous.setdefault(sig, previous)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.is_set():
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step (again to stop harder)", self.reason)
+        self.set()
+
+    def restore(self) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous.clear()
 
 
 def start_ray(config: JobConfig) -> None:
@@ -83,7 +123,9 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
                 f"a job already exists at {config.job_root}: pass --resume to finish it, or "
                 f"`deblur rerun {config.job_root}` to retry its failed rows")
         ledger = Ledger.open(storage, config.job_root)
+        check_model(ledger)  # before the lease: a bad model writes nothing
         ledger.acquire_lease(ttl)
+        ledger.clear_cancel()  # resuming is the operator's answer to an earlier cancel
         return ledger
     if resume and config.job_root is None:
         raise ConfigError("--resume needs --job-root: the job to resume")
@@ -101,8 +143,43 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
             raise ConfigError(f"{message}; wait for it, `deblur cancel {root}`, or pass "
                               f"--force to write into the same destination anyway")
         log.warning("--force: %s", message)
-    return Ledger.create(storage, config, job_id=job_id, model_info=provenance(config.model),
+    model_info = provenance(config.model)  # before the claim: a bad model writes nothing
+    return Ledger.create(storage, config, job_id=job_id, model_info=model_info,
                          hold_lease=True)
+
+
+def check_model(ledger: Ledger, config: JobConfig | None = None) -> dict[str, Any]:
+    """Check, before Ray starts, that the job's model loads its weights (``provenance``) and
+    that they are the ones the job was planned with: a job whose outputs came from two
+    different networks could not be told apart afterwards. ``config``: the job's config as
+    this run will use it (default: the stored one)."""
+    from deblur.errors import ConfigError
+    from deblur.model.weights import provenance
+
+    model = (config or ledger.config()).model
+    info = provenance(model)
+    planned = (ledger.job().get("model") or {}).get("weights_sha256")
+    if planned and info["weights_sha256"] and planned != info["weights_sha256"]:
+        raise ConfigError(
+            f"weights {model.weights!r} changed since job {ledger.job()['job_id']} was planned "
+            f"(sha256 {info['weights_sha256'][:12]}…, job.json has {planned[:12]}…): restore "
+            f"the original file, or plan a new job for the new weights")
+    return info
+
+
+def _record_failure(ledger: Ledger, exc: PipelineError, model: dict[str, Any]) -> None:
+    """summary.json for a run that ended on an error, so `status` and `list` say why instead
+    of showing the job as merely pending: ``failed_to_start`` when no worker could start."""
+    from deblur.errors import WorkerStartError, one_line
+
+    state = "failed_to_start" if isinstance(exc, WorkerStartError) else "failed"
+    try:
+        summary = ledger.status().to_dict()
+        summary.update(state=state, error=one_line(exc), ended_at=time.time(), model=model)
+        ledger.write_summary(summary)
+    except Exception as write_exc:  # noqa: BLE001 - the store may be what failed
+        log.warning("could not record the run's %s in summary.json: %s", state,
+                    one_line(write_exc))
 
 
 def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
@@ -129,14 +206,19 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
             on_progress(progress)
 
     lease = ledger.keep_lease(config.scheduler.lease_ttl_s)  # refuses another live driver
+    stop = StopSignals().install()
     try:
         start_ray(config)
+        stop.install()  # again: ray.init replaced the SIGTERM handler
         pool = ActorPool(config, ledger, progressed, actor_class, metrics, lease=lease)
+        pool.stop = stop
         progress = pool.run(shards, rows)
         snapshots.maybe_write(progress, force=True)
         index = ledger.index()  # the index just written, checked against one listing
         status = ledger.status(index)
         summary = status.to_dict()
+        summary["state"] = ("stopped" if progress.cancelled or status.pending
+                            else "finished")
         final = metrics.snapshot(progress)
         summary["run"] = {"seconds": time.monotonic() - progress.started,
                           "images_per_s": progress.images_per_s, "retries": progress.retries,
@@ -151,7 +233,13 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
         summary["quality"] = quality_means(index.values())
         summary["model"] = model
         ledger.write_summary(summary)
+        # Finished (DeblurDriverLost stays quiet) when nothing is left or a cancel asked for it.
+        metrics.end(finished=status.pending == 0 or ledger.cancel_requested())
+    except PipelineError as exc:
+        _record_failure(ledger, exc, model)
+        raise
     finally:
+        stop.restore()
         lease.stop()
         metrics.close()
     return JobOutcome(job_root=ledger.job_root, progress=progress, status=status)

@@ -6,8 +6,9 @@ crosses to the device in one copy, as integers (4x less traffic than float); on 
 is scaled to [0, 1], each image reflect-padded to the batch's multiple-of-4 shape, run in the
 configured precision, clamped and quantised with the authors' rounding (add half a step, then
 truncate, as their ``eval.py`` does before saving), and the quantised batch comes back in one
-copy. Images over ``tile_pixels`` run as overlapping tiles blended back together, so
-activation memory is bounded by the tile size, not the photo.
+copy. Images whose padded pass would be over ``tile_pixels`` run as overlapping tiles blended
+back together, so activation memory is bounded by the tile size, not the photo; a strip (1 x
+1,000,000) is cut along its length, each tile's padded area within the budget.
 
 Precision: ``auto`` is fp16 on CUDA (measured ten times closer to fp32 than bf16 at the same
 speed) and fp32 on CPU. 16-bit sources always run in fp32 (bf16 keeps ~8 bits of mantissa),
@@ -21,6 +22,7 @@ count of images, makes a graph. A compile failure falls back to eager with one l
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import logging
 import math
 import os
@@ -86,27 +88,47 @@ def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Where the tiles of one large image start, along each axis."""
+    """Where the tiles of one large image start, along each axis, and their size."""
 
     tile: int
+    """The side of a square tile (config.tile_side): what a large photo is cut into."""
     ys: list[int]
     xs: list[int]
+    tile_h: int = 0
+    """Height and width of a tile (multiples of 4, so a tile's padded area is at most
+    ``tile_h * tile_w``); a strip narrower than ``tile`` keeps its whole padded extent on that
+    axis and its tiles get the rest of the budget along the other."""
+    tile_w: int = 0
+
+
+def padded_pixels(height: int, width: int) -> int:
+    """Pixels of the pass the network makes over an image alone (each side padded to 4)."""
+    return round_up(height, STRIDE) * round_up(width, STRIDE)
 
 
 def tile_grid(height: int, width: int, tile_pixels: int, overlap: int) -> TileGrid:
-    """Square tiles (a multiple of 4, at most ``tile_pixels``), the last aligned to the edge."""
-    tile = max(STRIDE * 16, int(math.isqrt(tile_pixels)) // STRIDE * STRIDE)
-    if overlap >= tile // 2:
-        raise ModelError(f"tile overlap {overlap} must be under half the tile size {tile}")
+    """Tiles whose padded area is at most ``tile_pixels``, the last aligned to the edge."""
+    side = max(STRIDE * 16, int(math.isqrt(tile_pixels)) // STRIDE * STRIDE)
+    full_h, full_w = round_up(height, STRIDE), round_up(width, STRIDE)
+    tile_h, tile_w = min(full_h, side), min(full_w, side)
+    # A thin axis is never split: the other takes what it leaves of the budget.
+    if tile_h < side:
+        tile_w = min(full_w, max(side, tile_pixels // tile_h // STRIDE * STRIDE))
+    elif tile_w < side:
+        tile_h = min(full_h, max(side, tile_pixels // tile_w // STRIDE * STRIDE))
+    for size, tile in ((height, tile_h), (width, tile_w)):
+        if size > tile and overlap >= tile // 2:
+            raise ModelError(f"tile overlap {overlap} must be under half the tile size {tile}")
 
-    def starts(size: int) -> list[int]:
+    def starts(size: int, tile: int) -> list[int]:
         if size <= tile:
             return [0]
         step = tile - overlap
         out = list(range(0, size - tile, step))
         return out + [size - tile]
 
-    return TileGrid(tile=tile, ys=starts(height), xs=starts(width))
+    return TileGrid(tile=side, ys=starts(height, tile_h), xs=starts(width, tile_w),
+                    tile_h=tile_h, tile_w=tile_w)
 
 
 def _ramp(length: int, start: int, size: int, overlap: int) -> np.ndarray:
@@ -149,41 +171,65 @@ class Deblurrer:
         self.compile_error: str | None = None
         if _compile_wanted(config, self.device):
             self._compiled = _compile(self.model, config)
-        self._buffers: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, int], torch.Tensor] = {}
+        self._slot = 0  # which of a shape's two host buffers the next batch packs into
         self._copy_stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
                              else None)
 
     # -- public ----------------------------------------------------------------------------
 
+    def launch(self, images: list[np.ndarray], shape: tuple[int, int] | None = None
+               ) -> Callable[[], list[np.ndarray]]:
+        """Queue ``deblur(images, shape)`` on the device and return at once with a function
+        that waits for and returns its outputs.
+
+        The engine queues batch k+1 before it collects batch k, so the device goes from one
+        batch to the next while the host unpacks k and packs k+2. At most two batches may be
+        in flight (host buffers alternate between two); collect them in launch order. Tiled
+        images (and every batch on a CPU, where nothing runs asynchronously) are computed here.
+        """
+        if not images or any(padded_pixels(*img.shape[:2]) > self.config.tile_pixels
+                             for img in images):
+            outputs = self.deblur(images, shape)
+            return lambda: outputs
+        self._check_dtypes(images)
+        return self._launch_batch(images, shape)
+
     def deblur(self, images: list[np.ndarray], shape: tuple[int, int] | None = None
                ) -> list[np.ndarray]:
         """Deblur same-dtype images together, padded to ``shape`` (default: the largest).
 
-        Images over ``tile_pixels`` are tiled one by one; the rest run as one batch. An image
-        is padded only up to a multiple of 4 of its own size unless a larger ``shape`` (a
-        coarse bucket, opt-in) asks for more, so by default an output never depends on the
-        batch it ran in.
+        Images whose padded pass is over ``tile_pixels`` are tiled one by one; the rest run as
+        one batch. An image is padded only up to a multiple of 4 of its own size unless a larger
+        ``shape`` (a coarse bucket, opt-in) asks for more, so by default an output never
+        depends on the batch it ran in.
         """
         if not images:
             return []
-        dtypes = {img.dtype for img in images}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in MAX_VALUE:
-            raise ModelError(f"a batch needs one dtype of uint8 or uint16, got {dtypes}")
-        if any(img.shape[0] * img.shape[1] > self.config.tile_pixels for img in images):
+        self._check_dtypes(images)
+        if any(padded_pixels(*img.shape[:2]) > self.config.tile_pixels for img in images):
             return [self.deblur_tiled(img) for img in images]
-        return self._run_batch(images, shape)
+        return self._launch_batch(images, shape)()
 
     def warm(self, shape: tuple[int, int], batch_sizes: list[int]) -> None:
         """Compile (or, eager, allocate) for ``shape`` at each batch size before real work."""
         height, width = round_up(shape[0], STRIDE), round_up(shape[1], STRIDE)
         for size in sorted({_graph_batch(b) for b in batch_sizes}):
-            self._run_batch([np.zeros((height, width, 3), np.uint8)] * size, None)
+            self._launch_batch([np.zeros((height, width, 3), np.uint8)] * size, None)()
+
+    @staticmethod
+    def _check_dtypes(images: list[np.ndarray]) -> None:
+        dtypes = {img.dtype for img in images}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in MAX_VALUE:
+            raise ModelError(f"a batch needs one dtype of uint8 or uint16, got {dtypes}")
 
     # -- one batch -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run_batch(self, images: list[np.ndarray], shape: tuple[int, int] | None
-                   ) -> list[np.ndarray]:
+    def _launch_batch(self, images: list[np.ndarray], shape: tuple[int, int] | None
+                      ) -> Callable[[], list[np.ndarray]]:
+        """Pack, upload, pad, run, quantise and start the download of one batch; nothing here
+        waits for the device. The returned function does the batch's one wait."""
         height = max(img.shape[0] for img in images)
         width = max(img.shape[1] for img in images)
         target_h, target_w = shape or (height, width)
@@ -191,51 +237,90 @@ class Deblurrer:
         target_w = round_up(max(target_w, width), STRIDE)
         sixteen = images[0].dtype == np.uint16
         scale = MAX_VALUE[images[0].dtype]
-        rows = len(images) if self._compiled is None or sixteen else _graph_batch(len(images))
+        count = len(images)
+        rows = count if self._compiled is None or sixteen else _graph_batch(count)
         host = self._host_batch(images, rows, target_h, target_w)
         x = host.to(self.device, non_blocking=True)  # the batch's one host-to-device copy
         x = _unsigned(x).to(torch.float32).div_(scale).permute(0, 3, 1, 2)  # (B, 3, H, W)
         x = torch.cat([reflect_pad(x[i:i + 1, :, :img.shape[0], :img.shape[1]],
                                    target_h - img.shape[0], target_w - img.shape[1])
-                       for i, img in enumerate(images)] + [x[len(images):]])
-        out = self.forward(x, fp32=sixteen, count=len(images))
-        quantised = (out.add_(0.5 / scale).mul_(scale).clamp_(0, scale)
-                     .to(torch.int32 if sixteen else torch.uint8).permute(0, 2, 3, 1))
-        pixels = self._download(quantised[:len(images)])
-        return [np.ascontiguousarray(pixels[i, :img.shape[0], :img.shape[1]], dtype=img.dtype)
-                for i, img in enumerate(images)]
+                       for i, img in enumerate(images)] + [x[count:]])
+        out = self._network(x, sixteen)
+        # Whether a reduced-precision output is finite is read with the pixels, not here: a
+        # check now would wait for the device and stall the next batch's launch.
+        reduced = not sixteen and self.dtype != torch.float32
+        finite = torch.isfinite(out[:count]).all().reshape(1) if reduced else None
+        wait = self._download(self._quantise(out, scale, sixteen)[:count], finite)
+
+        def collect() -> list[np.ndarray]:
+            pixels, ok = wait()
+            if not ok:  # fp16 overflows on rare inputs: this batch alone goes again in fp32
+                log.warning("non-finite %s output in a batch of %d: rerunning it in fp32",
+                            str(self.dtype).removeprefix("torch."), count)
+                self.fp32_reruns += count
+                with torch.inference_mode():
+                    again = self._quantise(self._network(x, True), scale, sixteen)[:count]
+                    pixels, _ = self._download(again, None)()
+            return [np.ascontiguousarray(pixels[i, :img.shape[0], :img.shape[1]],
+                                         dtype=img.dtype) for i, img in enumerate(images)]
+
+        return collect
+
+    @staticmethod
+    def _quantise(out: torch.Tensor, scale: int, sixteen: bool) -> torch.Tensor:
+        """Clamped, then the authors' rounding (half a step up, truncate); NHWC integers."""
+        return (out.clamp_(0.0, 1.0).add_(0.5 / scale).mul_(scale).clamp_(0, scale)
+                .to(torch.int32 if sixteen else torch.uint8).permute(0, 2, 3, 1))
 
     def _host_batch(self, images: list[np.ndarray], rows: int, height: int, width: int
                     ) -> torch.Tensor:
-        """The batch in one reused host buffer (pinned on CUDA), images at the top left.
+        """The batch in a reused host buffer (pinned on CUDA), images at the top left.
 
-        uint16 travels as int16 (torch has no uint16 arithmetic); ``_unsigned`` undoes it.
+        Two buffers per shape alternate: the upload of batch k may still be queued while batch
+        k+1 is packed, and batch k-1 (the other buffer's last user) was collected before k+1
+        was launched. uint16 travels as int16 (no uint16 arithmetic in torch); ``_unsigned``
+        undoes it.
         """
         dtype = torch.int16 if images[0].dtype == np.uint16 else torch.uint8
-        key = ((rows, height, width), dtype)
+        self._slot ^= 1
+        key = ((rows, height, width), dtype, self._slot)
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = torch.empty((rows, height, width, 3), dtype=dtype,
                                  pin_memory=self.device.type == "cuda")
             self._buffers[key] = buffer
-        # Safe to overwrite: ``_download`` waited for the whole previous batch, upload included.
         view = buffer.numpy().view(np.uint16 if dtype == torch.int16 else np.uint8)
         for i, img in enumerate(images):
             view[i, :img.shape[0], :img.shape[1]] = img
         return buffer
 
-    def _download(self, quantised: torch.Tensor) -> np.ndarray:
-        """The quantised batch to the host in one copy (on a side stream on CUDA)."""
+    def _download(self, quantised: torch.Tensor, finite: torch.Tensor | None
+                  ) -> Callable[[], tuple[np.ndarray, bool]]:
+        """Start copying the quantised batch (and its finite flag) to the host in one copy on
+        a side stream; the returned function waits for it: the batch's one synchronisation."""
         if self._copy_stream is None:
-            return quantised.numpy()
+            return lambda: (quantised.numpy(), finite is None or bool(finite.item()))
         done = torch.cuda.Event()
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
             host = torch.empty(quantised.shape, dtype=quantised.dtype, pin_memory=True)
             host.copy_(quantised, non_blocking=True)
+            flag = None
+            if finite is not None:
+                flag = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+                flag.copy_(finite, non_blocking=True)
             done.record()
-        done.synchronize()  # the batch's one wait, after all of its work was queued
-        return host.numpy()
+        # The side stream uses tensors the main stream allocated: keep the allocator from
+        # handing their memory out again before the copy is done.
+        quantised.record_stream(self._copy_stream)
+        if finite is not None:
+            finite.record_stream(self._copy_stream)
+
+        def wait() -> tuple[np.ndarray, bool]:
+            done.synchronize()
+            return host.numpy(), flag is None or bool(flag.item())
+
+        return wait
 
     # -- the network -----------------------------------------------------------------------
 
@@ -286,26 +371,29 @@ class Deblurrer:
         self._compiled = None
 
     @torch.inference_mode()
-    def deblur_tiled(self, img: np.ndarray) -> np.ndarray:
+    def deblur_tiled(self, img: np.ndarray, tile_pixels: int | None = None) -> np.ndarray:
         """Overlapping tiles, each run alone, blended with separable linear ramps.
 
         The blend weight of a pixel is wy(y) * wx(x) summed over the tiles covering it; that sum
         is separable too, so only two 1-D normalisers are kept instead of a full weight image.
-        The accumulator is float32 H x W x 3 on the host (12 bytes per pixel).
+        The accumulator is float32 H x W x 3 on the host (12 bytes per pixel). ``tile_pixels``
+        (default: the configured one) is smaller when the engine retries after running out of
+        memory.
         """
         height, width = img.shape[:2]
-        grid = tile_grid(height, width, self.config.tile_pixels, self.config.tile_overlap)
+        grid = tile_grid(height, width, tile_pixels or self.config.tile_pixels,
+                         self.config.tile_overlap)
         overlap = self.config.tile_overlap
         acc = np.zeros((height, width, 3), np.float32)
         norm_y = np.zeros(height, np.float32)
         norm_x = np.zeros(width, np.float32)
         scale = MAX_VALUE[img.dtype]
         for y in grid.ys:
-            th = min(grid.tile, height - y)
+            th = min(grid.tile_h, height - y)
             wy = _ramp(th, y, height, overlap)
             norm_y[y:y + th] += wy
             for x in grid.xs:
-                tw = min(grid.tile, width - x)
+                tw = min(grid.tile_w, width - x)
                 wx = _ramp(tw, x, width, overlap)
                 if y == grid.ys[0]:
                     norm_x[x:x + tw] += wx

@@ -78,6 +78,19 @@ true
 {{- include "deblur.authEnv" . }}
 {{- end -}}
 
+{{/* The job's id and ledger root, fixed by the release so that every try of the RayJob (a
+     submitter retry after the head restarted, a RayJob deleted and re-created by
+     `helm upgrade`) resumes the same job instead of planning a new one and redoing every
+     image. <namespace>.<release>: unique in the cluster (a namespace has no dots), and a
+     valid deblur job id (letters, digits, '.', '-'; 64 characters at most). */}}
+{{- define "deblur.jobId" -}}
+{{- printf "%s.%s" .Release.Namespace .Release.Name | trunc 64 | trimSuffix "-" | trimSuffix "." -}}
+{{- end -}}
+
+{{- define "deblur.jobRoot" -}}
+{{- default (printf "%s/_deblur/%s/" (trimSuffix "/" .Values.job.destination) (include "deblur.jobId" .)) .Values.job.jobRoot -}}
+{{- end -}}
+
 {{/* Shell-quote each argument (keys and prefixes may hold spaces). */}}
 {{- define "deblur.quoteArgs" -}}
 {{- range . }}{{ squote . }} {{ end -}}

@@ -128,10 +128,15 @@ def _planned(storage: Storage, root: str, job_id: str = "j1", dest: str = "out",
 def test_a_live_lease_refuses_resume_and_rerun_but_not_cancel(storage: Storage,
                                                               root: str) -> None:
     running, config = _planned(storage, root)
-    running.acquire_lease(60.0)
+    keeper = running.keep_lease(9.0)  # a live driver: renews every 3 s
+    first_expiry = running.read_lease().expires_at
     with pytest.raises(ConfigError, match="another driver is running this job .* wait or, if "
                                           "it is dead, wait until"):
         open_or_plan(config, storage, resume=True)
+    # Refused on the renewal it saw, before the lease it first found could have run out.
+    assert time.time() < first_expiry
+    keeper.stop()
+    running.acquire_lease(60.0)
     cli = CliRunner()
     rerun = cli.invoke(app, ["rerun", running.job_root, "-q"])
     assert rerun.exit_code == 2 and "another driver is running this job" in rerun.output
@@ -156,6 +161,19 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_notices(storage: Stor
         dead.renew_lease(60.0)
     dead.release_lease()  # must not delete the taker's lease
     assert taker.live_lease() is not None
+
+
+def test_resume_waits_out_a_silent_lease_and_takes_it_over(storage: Storage,
+                                                           root: str) -> None:
+    """A driver killed without releasing its lease (a pod gone, a resubmitted job): --resume
+    watches the lease, sees nobody renew it, and takes over when it runs out, instead of
+    refusing while it is live."""
+    dead, config = _planned(storage, root)
+    dead.acquire_lease(2.0)
+    expires = dead.read_lease().expires_at
+    taker = open_or_plan(config, storage, resume=True)
+    assert time.time() >= expires  # it waited for the expiry ...
+    assert taker.read_lease().holder == taker.holder != dead.holder  # ... then took over
 
 
 def test_the_keeper_renews_releases_and_reports_a_takeover(storage: Storage,

@@ -962,16 +962,24 @@ class Ledger:
         return lease if lease is not None and lease.live else None
 
     def acquire_lease(self, ttl: float, *, job_id: str | None = None,
-                      destination: str | None = None) -> Lease:
+                      destination: str | None = None, wait_silent: bool = False) -> Lease:
         """Hold lease.json for ``ttl`` seconds (renew it if this ledger holds it already).
 
         Raises ConfigError while another driver holds a live lease; takes over an expired one
         with a compare-and-swap on the version read (of two takers exactly one wins), and
         renews its own the same way (a renewal after another driver took over fails).
+
+        ``wait_silent`` (resuming): a live lease is watched until it expires instead of being
+        refused at once. A live driver renews every ttl/3, so a renewal seen while waiting
+        refuses within that time; a lease that runs out unrenewed belonged to a dead driver
+        (a killed pod, a resubmitted job) and is taken over, at most one ttl later.
         """
         holder = self.holder or new_holder()
         uri = self._path(LEASE_NAME)
         current, current_tag = self._read_lease_tagged()
+        if (wait_silent and current is not None and current.holder != holder
+                and current.live):
+            current, current_tag = self._wait_for_silent_lease(current, current_tag)
         if current is not None and current.holder != holder:
             if current.live:
                 until = _when(current.expires_at)
@@ -1002,6 +1010,22 @@ class Ledger:
                                   f"after its lease expires") from None
         self.holder = holder
         return lease
+
+    def _wait_for_silent_lease(self, current: Lease, tag: str | None,
+                               poll_s: float = 1.0) -> tuple[Lease | None, str | None]:
+        """Watch another driver's live lease until it expires or is renewed (then returned
+        as found: live, so the caller refuses)."""
+        log.warning("the job at %s is held by %s until %s: waiting to see whether that driver "
+                    "is alive (a live one renews its lease)", self.job_root, current.describe(),
+                    _when(current.expires_at))
+        expires = current.expires_at
+        while True:
+            time.sleep(min(poll_s, max(0.0, expires - time.time()) + 0.1))
+            found, found_tag = self._read_lease_tagged()
+            if found is None or found.holder != current.holder or found.expires_at != expires:
+                return found, found_tag  # renewed, released or taken: decide on what is there
+            if not found.live:
+                return found, found_tag
 
     def renew_lease(self, ttl: float) -> Lease:
         """Push our lease's expiry to now + ttl; ConfigError if another driver took it."""

@@ -124,7 +124,7 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
                 f"`deblur rerun {config.job_root}` to retry its failed rows")
         ledger = Ledger.open(storage, config.job_root)
         check_model(ledger)  # before the lease: a bad model writes nothing
-        ledger.acquire_lease(ttl)
+        ledger.acquire_lease(ttl, wait_silent=True)  # a dead driver's lease runs out
         ledger.clear_cancel()  # resuming is the operator's answer to an earlier cancel
         return ledger
     if resume and config.job_root is None:

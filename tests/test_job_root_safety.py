@@ -249,3 +249,45 @@ def test_status_and_list_survive_a_corrupt_job_file(storage: Storage, root: str)
     assert "corrupt" in rows[0] and rows[1]["rows"] == 4
     storage.put(join(bad.job_root, "job.json"), b'{"job_id": "x"}')  # JSON, but not a job
     assert "corrupt" in list_jobs(storage, join(root, "out"))[0]
+
+
+def test_a_planner_killed_mid_plan_leaves_a_claim_that_a_later_try_takes_over(
+        storage: Storage, root: str) -> None:
+    """A driver SIGKILLed while planning leaves claim.json (and a lease nobody renews) but no
+    job.json. With the job id fixed by its deployment, the next try must be able to plan it;
+    a claim whose planner is alive (a live lease) is still refused."""
+    src, dest = join(root, "in"), join(root, "out")
+    _inputs(storage, src, [f"{i}.jpg" for i in range(3)])
+    job_root = default_job_root(dest, "fixed")
+    config = job_config(src, dest, job_root, **{"scheduler.lease_ttl_s": 1.0})
+    killed = Ledger(storage, job_root)
+    killed._claim("fixed", 1.0)  # what a killed planner leaves behind
+    killed.acquire_lease(1.0, job_id="fixed", destination=dest)
+    with pytest.raises(ConfigError, match="already claimed"):  # its lease is still live
+        Ledger.create(storage, config, job_id="fixed", model_info={}, hold_lease=True)
+    time.sleep(1.2)  # the lease runs out unrenewed and the claim is older than the ttl
+    ledger = Ledger.create(storage, config, job_id="fixed", model_info={}, hold_lease=True)
+    assert ledger.job()["rows"] == 3
+    assert ledger.read_lease().holder == ledger.holder
+
+
+def test_planning_renews_its_lease(storage: Storage, root: str, monkeypatch) -> None:
+    """Planning 100 M rows takes minutes: the lease taken with the claim is renewed meanwhile,
+    so no other driver sees it expire and takes the job while it is being planned."""
+    src, dest = join(root, "in"), join(root, "out")
+    _inputs(storage, src, [f"{i}.jpg" for i in range(3)])
+    config = job_config(src, dest, default_job_root(dest, "slow"),
+                        **{"scheduler.lease_ttl_s": 0.6})
+    plan = Ledger._plan
+    seen: list[float] = []
+
+    def slow_plan(self, *args, **kwargs):
+        first = self.read_lease().expires_at
+        time.sleep(1.5)  # longer than the ttl
+        seen.append(self.read_lease().expires_at - first)
+        return plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "_plan", slow_plan)
+    ledger = Ledger.create(storage, config, job_id="slow", model_info={}, hold_lease=True)
+    assert seen and seen[0] > 0  # renewed while planning
+    assert ledger.live_lease() is not None and ledger.live_lease().job_id == "slow"

@@ -311,11 +311,14 @@ class LeaseKeeper:
             except Exception as exc:  # noqa: BLE001 - a storage hiccup: try again next time
                 log.warning("could not renew the job lease: %s", exc)
 
-    def stop(self) -> None:
-        """Stop renewing and release the lease (it stays for its ttl if the delete fails)."""
+    def stop(self, release: bool = True) -> None:
+        """Stop renewing and release the lease (it stays for its ttl if the delete fails).
+        ``release=False`` keeps it for its ttl: planning hands it on to the run that follows."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self.ttl)
+        if not release:
+            return
         try:
             self.ledger.release_lease()
         except Exception as exc:  # noqa: BLE001 - it expires by itself
@@ -441,13 +444,19 @@ class Ledger:
         if storage.exists(ledger._path(JOB_NAME)):
             raise ConfigError(f"a job already exists at {ledger.job_root}; choose another "
                               f"--job-root or resume it with --resume")
-        ledger._claim(job_id)
+        ttl = config.scheduler.lease_ttl_s
+        ledger._claim(job_id, ttl)
+        keeper: LeaseKeeper | None = None
         try:
             if hold_lease:
-                ledger.acquire_lease(config.scheduler.lease_ttl_s, job_id=job_id,
-                                     destination=config.destination)
+                # Renewed while planning (minutes at 100 M rows): a lease left to expire would
+                # let another driver take a job that is still being planned.
+                ledger.acquire_lease(ttl, job_id=job_id, destination=config.destination)
+                keeper = LeaseKeeper(ledger, ttl).start()
             job = ledger._plan(config, job_id, model_info)
         except BaseException:
+            if keeper is not None:
+                keeper.stop(release=False)  # deleted below with the claim
             # Planning failed (an empty source, storage down): free the job root again.
             for name in (LEASE_NAME, CLAIM_NAME):
                 try:
@@ -455,11 +464,20 @@ class Ledger:
                 except Exception as exc:  # noqa: BLE001 - the first error is the one to show
                     log.warning("could not remove %s: %s", ledger._path(name), exc)
             raise
+        if keeper is not None:
+            keeper.stop(release=False)  # held for a full ttl: the run's keeper renews it
+            ledger.acquire_lease(ttl)
         ledger._job = job
         return ledger
 
-    def _claim(self, job_id: str) -> None:
-        """Create claim.json (put-if-absent) before anything else is written here."""
+    def _claim(self, job_id: str, ttl: float) -> None:
+        """Create claim.json (put-if-absent) before anything else is written here.
+
+        A claim of the same job id left by a planning driver that was killed (no job.json,
+        and no live lease: the planner renews one while it plans) is taken over with a
+        compare-and-swap once it is older than ``ttl``, so a job whose id its deployment fixes
+        (the chart's RayJob) can be planned again. Another job's claim is never taken.
+        """
         token = secrets.token_hex(8)
         claim = {"job_id": job_id, "host": socket.gethostname(), "pid": os.getpid(),
                  "time": time.time(), "token": token}
@@ -470,17 +488,34 @@ class Ledger:
         except AlreadyExistsError:
             pass
         try:
-            found = _json_object(self.storage.get(uri)) or {}
+            data, tag = self.storage.get_tagged(uri)
+            found = _json_object(data) or {}
         except NotFoundError:  # the winner gave up planning and freed it: still not ours
-            found = {}
+            found, tag = {}, None
         # A retried conditional PUT can find its own first attempt (the reply was lost).
         if found.get("job_id") == job_id and found.get("token") == token:
             return
+        if found.get("job_id") == job_id and tag and self._claim_abandoned(found, ttl):
+            log.warning("taking over the claim of %s: its planning driver (host %s, pid %s) "
+                        "left no job.json and no live lease", self.job_root,
+                        found.get("host"), found.get("pid"))
+            try:
+                self.storage.put_if_match(uri, json.dumps(claim).encode(), tag)
+                return
+            except (AlreadyExistsError, ConflictError):
+                found = _json_object(self.storage.get(uri)) or {}  # another taker won
         who = (f"job {found.get('job_id')!r} (host {found.get('host')}, pid "
                f"{found.get('pid')}, {_when(float(found.get('time') or 0))})"
                if found else "another driver")
         raise ConfigError(f"job root {self.job_root} is already claimed by {who}; use a "
                           f"different --job-root (or, if that planning died, delete {uri})")
+
+    def _claim_abandoned(self, found: dict[str, Any], ttl: float) -> bool:
+        if self.storage.exists(self._path(JOB_NAME)):
+            return False
+        if time.time() - float(found.get("time") or 0) < ttl:
+            return False  # a planner may still be between its claim and its lease
+        return self.live_lease() is None
 
     def _plan(self, config: JobConfig, job_id: str, model_info: dict[str, Any]
               ) -> dict[str, Any]:
@@ -990,6 +1025,10 @@ class Ledger:
             log.warning("taking over the lease of %s, which expired at %s (driver gone)",
                         current.holder, _when(current.expires_at))
         now = time.time()
+        if current is not None and current.holder == holder:
+            # A renewal names the same job; while planning there is no job.json to read yet.
+            job_id = current.job_id if job_id is None else job_id
+            destination = current.destination if destination is None else destination
         lease = Lease(holder=holder,
                       job_id=job_id if job_id is not None else self.job()["job_id"],
                       destination=(destination if destination is not None

@@ -422,6 +422,23 @@ def row_deblurrer(bench: Bench, table: Table) -> None:
                       bench.args.repeat, warmup=1)
     table.add(Row("deblurrer", "deblurrer", what, rate,
                   notes=f"{_engine_label(bench, deblurrer)}; {warmed}"))
+    if not hasattr(deblurrer, "launch"):
+        return
+    batches = 8  # the engine's way: batch k+1 queued on the device before batch k is collected
+
+    def pipelined() -> None:
+        pending = deblurrer.launch(images)
+        for _ in range(batches - 1):
+            following = deblurrer.launch(images)
+            pending()
+            pending = following
+        pending()
+
+    rate, _ = measure(pipelined, count * batches, bench.device, bench.args.repeat, warmup=1)
+    table.add(Row("deblurrer", "deblurrer-pipelined",
+                  f"Deblurrer.launch, {batches} batches of {count}, each queued before the one "
+                  f"before it is collected (the engine's pipelining), {bench.size}", rate,
+                  notes=_engine_label(bench, deblurrer)))
 
 
 def _plan(bench: Bench, name: str) -> tuple[JobConfig, Any, Any]:
@@ -519,8 +536,10 @@ def _bench_actor(record_dir: str, height: int, width: int, warm: bool) -> Any:
         def process(self, job_root: str, shard_id: int, attempt: int) -> dict[str, Any]:
             report = WorkerActor.process(self, job_root, shard_id, attempt)
             m = report.get("metrics") or {}
+            # gpu_utilization: NVML's device figure (None without nvidia-ml-py), beside the
+            # engine's own busy time.
             keep = {k: m.get(k) for k in ("busy_s", "wall_s", "gpu_memory_bytes", "queue_peak",
-                                          "fp32_reruns")}
+                                          "fp32_reruns", "gpu_utilization")}
             keep.update(warm_s=self.warm_s, codec=self.codec_name)
             Path(record_dir, f"shard-{shard_id}-{attempt}.json").write_text(json.dumps(keep))
             return report
@@ -566,10 +585,15 @@ def row_ray(bench: Bench, table: Table) -> None:
         share, source = busy_share(recorded), "worker shard reports (summary.json has none)"
     warm = [r["warm_s"] for r in recorded if r.get("warm_s") is not None]
     codecs = sorted({r.get("codec") for r in recorded if r.get("codec")})
+    # The device's own figure (NVML, read as each shard ended), beside the engine's busy share.
+    device = [r["gpu_utilization"] for r in recorded if r.get("gpu_utilization") is not None]
+    device_share = sum(device) / len(device) if device else None
     run = summary.get("run") or {}
     busy = (f"engine busy {share:.0%} (Σbusy_s/Σwall_s over shards, from {source})"
             if share is not None else "busy share: not in summary.json nor worker reports")
     notes = f"{status.ok} ok / {status.failed} failed; {busy}; "
+    if device_share is not None:
+        notes += f"GPU utilisation (NVML, mean at shard ends) {device_share:.0%}; "
     if via_config:
         warmed = "worker warmed by model.warm_shapes before ready"
     elif warm:
@@ -584,6 +608,7 @@ def row_ray(bench: Bench, table: Table) -> None:
                   f"{bench.size} JPEG", rate, notes=notes,
                   status="ok" if status.failed == 0 and outcome.complete else "error",
                   extra={"busy_share": share, "busy_source": source, "summary_run": run,
+                         "gpu_utilization": device_share,
                          "ok": status.ok, "failed": status.failed}))
 
 

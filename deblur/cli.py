@@ -12,7 +12,6 @@ unreachable, workers could not start, …).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -21,12 +20,32 @@ from typing import Annotated, Any
 
 import typer
 
-from deblur.config import MODEL_NAMES  # light: no torch, ray or pyarrow at import
+# light: no torch, ray or pyarrow at import
+from deblur.config import MODEL_NAMES, OUTPUT_FORMATS, PRECISIONS
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_STOPPED, EXIT_RUNTIME = 0, 1, 2, 3, 4
 
 app = typer.Typer(help="Distributed batch image deblurring with MIMO-UNet on Ray.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # plain click help: wraps cleanly at 80 columns
+
+
+def _version(value: bool) -> None:
+    if value:
+        from deblur import __version__
+
+        typer.echo(f"deblur {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")]
+        = False) -> None:
+    """Distributed batch image deblurring with MIMO-UNet on Ray.
+
+    Settings also come from DEBLUR_<SECTION>__<FIELD> variables, RAY_ADDRESS from Ray's own
+    convention (README.md, "Configuration")."""
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -52,13 +71,20 @@ def _guard(func: Any, *args: Any, **kwargs: Any) -> Any:
 
 # -- options shared by run and rerun ---------------------------------------------------------
 
+# RAY_ADDRESS as Ray's own CLI reads it; without either, Ray starts in this process.
 Address = Annotated[str | None, typer.Option(
-    help="Ray cluster address (ray://… or auto); default: start Ray in this process.")]
+    envvar="RAY_ADDRESS", help="Ray cluster (ray://… or auto); default: Ray in-process.")]
 MinWorkers = Annotated[int | None, typer.Option(help="Actors kept alive even when idle.")]
 MaxWorkers = Annotated[int | None, typer.Option(help="Most worker actors (one model each).")]
 GpusPerWorker = Annotated[float | None, typer.Option(help="GPUs per actor; fractions allowed.")]
 MaxBatch = Annotated[int | None, typer.Option(help="Most images per forward pass.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Verbose = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also show Ray's and libraries' logs (and workers' output).")]
+LogLevel = Annotated[str | None, typer.Option(
+    metavar="[debug|info|warning|error]", help="Show logs from this level up (implies -v).")]
+AsJson = Annotated[bool, typer.Option(
+    "--json", help="Print a JSON summary on stdout at the end; progress on stderr.")]
 
 
 def _pool_overrides(address: str | None, min_workers: int | None, max_workers: int | None,
@@ -76,14 +102,16 @@ ConfigFile = Annotated[Path | None, typer.Option(help="Job config YAML (see conf
 # click Choice would print a boxed usage error).
 Model = Annotated[str | None, typer.Option(
     metavar="[" + "|".join(MODEL_NAMES) + "]",
-    help="The network: " + ", ".join(MODEL_NAMES) + " (default mimo-unet).")]
+    help="The network (default mimo-unet).")]
 Weights = Annotated[str | None, typer.Option(
     help="Checkpoint URI: path, file:// or s3:// (.pkl/.pth/.safetensors).")]
 RandomWeights = Annotated[bool, typer.Option(
-    help="Run untrained weights: a smoke test, the output is NOT deblurred.")]
-Precision = Annotated[str | None, typer.Option(help="auto, fp32, fp16 or bf16.")]
+    "--random-weights", help="Run untrained weights: a smoke test, the output is NOT deblurred.")]
+Precision = Annotated[str | None, typer.Option(
+    metavar="[" + "|".join(PRECISIONS) + "]", help="Numeric precision (default auto).")]
 OutputFormat = Annotated[str | None, typer.Option(
-    "--format", help="Output format: same, jpeg, png or webp.")]
+    "--format", metavar="[" + "|".join(OUTPUT_FORMATS) + "]",
+    help="Output format (default same as the input).")]
 Quality = Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")]
 TilePixels = Annotated[int | None, typer.Option(
     help="Images above this many pixels run as overlapping tiles.")]
@@ -93,18 +121,15 @@ JobRoot = Annotated[str | None, typer.Option(
 JobId = Annotated[str | None, typer.Option(
     help="Id for a new job (default: UTC time + random); names the default job root.")]
 Resume = Annotated[bool, typer.Option(
-    help="Finish the job already at --job-root (skips shards that have results); its stored "
-         "config runs, with --address, worker, GPU, batch and metrics-port flags applied.")]
+    "--resume", help="Finish the job at --job-root with its stored config (pool flags apply).")]
 MetricsPort = Annotated[int | None, typer.Option(
     help="Port of the driver's Prometheus /metrics (0: a free one).")]
 FollowLinks = Annotated[bool, typer.Option(
     "--follow-links", help="Read symlinks in a local SOURCE that resolve outside it.")]
 AllowPrefix = Annotated[list[str] | None, typer.Option(
-    "--allow-prefix", help="Absolute/URI manifest entries must lie under one (repeatable); "
-                           "default: the manifest's folder, SOURCE, DESTINATION.")]
+    "--allow-prefix", metavar="PREFIX", help="Manifest entries must lie under one (repeatable).")]
 OverwriteInputs = Annotated[bool, typer.Option(
-    "--overwrite-inputs", help="Allow outputs that replace their own input (DEST == SOURCE); "
-                               "originals are kept under the job root.")]
+    "--overwrite-inputs", help="Allow DEST == SOURCE (originals kept in the job root).")]
 
 
 def _job_overrides(source: str, destination: str, *, job_root: str | None,
@@ -121,7 +146,7 @@ def _job_overrides(source: str, destination: str, *, job_root: str | None,
     }
 
 
-@app.command()
+@app.command(short_help="Deblur every image of SOURCE into DESTINATION.")
 def run(
     source: Source,
     destination: Destination,
@@ -148,12 +173,15 @@ def run(
     allow_prefix: AllowPrefix = None,
     overwrite_inputs: OverwriteInputs = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
+    log_level: LogLevel = None,
+    as_json: AsJson = False,
     force: Annotated[bool, typer.Option(
-        help="Start even though a live job writes into an overlapping destination.")] = False,
+        "--force", help="Start even though a live job writes into an overlapping "
+                        "destination.")] = False,
 ) -> None:
     """Deblur every image of SOURCE into DESTINATION (same relative paths)."""
-    from deblur import config as config_mod
-
+    out = _output(quiet, verbose, log_level, as_json)
     overrides = {
         **_job_overrides(source, destination, job_root=job_root, shard_size=shard_size,
                          model=model, weights=weights, random_weights=random_weights,
@@ -164,13 +192,75 @@ def run(
         "follow_links": follow_links or None, "overwrite_inputs": overwrite_inputs or None,
         "allow_prefixes": allow_prefix or None,
     }
-    job = _guard(config_mod.load, config, overrides)
+    job = _guard(_load, config, overrides)
     # A resumed job runs its stored config; these flags (where given) still apply over it.
     now = {**_pool_overrides(address, min_workers, max_workers, gpus_per_worker, max_batch),
            "metrics.port": metrics_port}
-    code = _guard(_run_job, job, resume=resume, quiet=quiet, job_id=job_id, force=force,
+    code = _guard(_run_job, job, resume=resume, out=out, job_id=job_id, force=force,
                   overrides=now)
     raise typer.Exit(code)
+
+
+def _load(path: Path | None, flags: dict[str, Any]) -> Any:
+    """The job config: defaults < --config file < DEBLUR_* environment < flags given."""
+    from deblur import config as config_mod
+    from deblur.envvars import merged
+
+    return config_mod.load(path, merged(os.environ, flags))
+
+
+class _Output:
+    """How run/rerun talk: progress view, logging, and the final summary's form."""
+
+    def __init__(self, quiet: bool, verbose: bool, level: int | None, as_json: bool) -> None:
+        self.quiet, self.verbose, self.level, self.as_json = quiet, verbose, level, as_json
+        self.log_path: str | None = None
+
+    def info(self, text: str) -> None:
+        """A line for the person: stdout, or stderr when stdout carries the JSON."""
+        typer.echo(text, err=self.as_json)
+
+
+def _output(quiet: bool, verbose: bool, log_level: str | None, as_json: bool) -> _Output:
+    from deblur.console import parse_level, setup_logging
+
+    level = _guard(parse_level, log_level)
+    setup_logging(verbose, level)
+    return _Output(quiet, verbose or level is not None, level, as_json)
+
+
+def _execute(run_config: Any, ledger: Any, shards: list[int], rows: int, out: _Output) -> Any:
+    """``execute`` with the job's log file attached and the progress view running."""
+    from deblur.console import ProgressView, attach_job_log, detach_job_log, job_log_path
+    from deblur.run.driver import execute
+
+    out.log_path = job_log_path(ledger.job_root, ledger.job()["job_id"])
+    attach_job_log(out.log_path)
+    out.info(f"log: {out.log_path}")
+    view = None if out.quiet else ProgressView(sys.stderr).start()
+    try:
+        return execute(run_config, ledger, shards, rows,
+                       on_progress=None if view is None else view.update, verbose=out.verbose)
+    finally:
+        if view is not None:
+            view.stop()
+        detach_job_log()
+        _keep_log(ledger, out.log_path)
+
+
+def _keep_log(ledger: Any, path: str) -> None:
+    """For an s3:// job root, a copy of this run's log under the job root's logs/."""
+    from deblur.errors import PipelineError
+    from deblur.io.storage import is_s3
+
+    if not is_s3(ledger.job_root):
+        return
+    try:
+        ledger.write_log(f"driver-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log",
+                         Path(path).read_text(encoding="utf-8", errors="replace"))
+    except (OSError, PipelineError) as exc:
+        typer.echo(f"note: the log stays at {path} (not copied to the job root: {exc})",
+                   err=True)
 
 
 def _over_stored(ledger: Any, overrides: dict[str, Any]) -> Any:
@@ -185,9 +275,9 @@ def _over_stored(ledger: Any, overrides: dict[str, Any]) -> Any:
     return config_mod.from_dict(data).validate()
 
 
-def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None,
+def _run_job(job: Any, *, resume: bool, out: _Output, job_id: str | None = None,
              force: bool = False, overrides: dict[str, Any] | None = None) -> int:
-    from deblur.run.driver import execute, open_or_plan
+    from deblur.run.driver import open_or_plan
     from deblur.io.storage import get_storage
 
     storage = get_storage(job.storage)
@@ -195,24 +285,22 @@ def _run_job(job: Any, *, resume: bool, quiet: bool, job_id: str | None = None,
     run_config = _over_stored(ledger, overrides or {})
     status = ledger.status()
     shards = sorted(set(ledger.shard_ids()) - ledger.done_shards())
-    typer.echo(f"job root: {ledger.job_root}")
+    out.info(f"job root: {ledger.job_root}")
     if job.model.random_weights:
         typer.echo("warning: --random-weights: the model is untrained, outputs are NOT "
                    "deblurred (smoke test only)", err=True)
-    outcome = execute(run_config, ledger, shards, status.pending,
-                      on_progress=None if quiet else _progress_printer())
-    return _report(outcome, ledger)
+    outcome = _execute(run_config, ledger, shards, status.pending, out)
+    return _report(outcome, ledger, out)
 
 
-@app.command()
+@app.command(short_help="Send the job to a Ray cluster (Ray Jobs API).")
 def submit(
     source: Source,
     destination: Destination,
     *,
     address: Annotated[str, typer.Option(
         envvar="RAY_API_SERVER_ADDRESS",
-        help="The cluster's dashboard / Jobs API URL, e.g. http://HEAD:8265. Authenticate with "
-             "RAY_AUTH_TOKEN; never expose this port unauthenticated.")],
+        help="Jobs API URL, e.g. http://HEAD:8265 (auth: RAY_AUTH_TOKEN).")],
     config: ConfigFile = None,
     model: Model = None,
     weights: Weights = None,
@@ -233,19 +321,17 @@ def submit(
     runtime_env: Annotated[Path | None, typer.Option(
         help="Extra runtime_env (YAML/JSON: pip, env_vars, image_uri…); no credentials.")] = None,
     follow: Annotated[bool, typer.Option(
-        help="Stream the job's logs until it ends; exit with its exit code.")] = False,
+        "--follow", help="Stream the job's logs until it ends; exit with its exit code.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the submission as JSON.")] = False,
 ) -> None:
     """Send the job to a running Ray cluster (Ray Jobs API); prints the submission id."""
-    from deblur import config as config_mod
-
     overrides = _job_overrides(source, destination, job_root=job_root, shard_size=shard_size,
                                model=model, weights=weights, random_weights=random_weights,
                                precision=precision, tile_pixels=tile_pixels,
                                output_format=output_format, quality=quality,
                                metrics_port=metrics_port)
     overrides.update(_pool_overrides(None, min_workers, max_workers, gpus_per_worker, max_batch))
-    job = _guard(config_mod.load, config, overrides)
+    job = _guard(_load, config, overrides)
     code = _guard(_submit, job, address, job_id=job_id, resume=resume,
                   runtime_env=runtime_env, follow=follow, as_json=as_json)
     raise typer.Exit(code)
@@ -309,7 +395,7 @@ def _check_weights_here(job: Any) -> None:
                    f"them on the cluster before its workers start", err=True)
 
 
-@app.command()
+@app.command(short_help="Finish a job: pending shards and failed rows only.")
 def rerun(
     job_root: Annotated[str, typer.Argument(help="The job to finish: its ledger root.")],
     *,
@@ -319,16 +405,20 @@ def rerun(
     gpus_per_worker: GpusPerWorker = None,
     max_batch: MaxBatch = None,
     quiet: Quiet = False,
+    verbose: Verbose = False,
+    log_level: LogLevel = None,
+    as_json: AsJson = False,
 ) -> None:
     """Process the job's pending shards and failed rows only; ok outputs are not rewritten."""
+    out = _output(quiet, verbose, log_level, as_json)
     code = _guard(_rerun, job_root, _pool_overrides(address, min_workers, max_workers,
-                                                    gpus_per_worker, max_batch), quiet)
+                                                    gpus_per_worker, max_batch), out)
     raise typer.Exit(code)
 
 
-def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
+def _rerun(job_root: str, overrides: dict[str, Any], out: _Output) -> int:
     from deblur.job.ledger import Ledger
-    from deblur.run.driver import check_model, execute
+    from deblur.run.driver import check_model
 
     ledger = Ledger.open_recorded(job_root)
     job = _over_stored(ledger, overrides)
@@ -339,31 +429,54 @@ def _rerun(job_root: str, overrides: dict[str, Any], quiet: bool) -> int:
     status = ledger.status(index)
     shards = ledger.rerun_selection(index=index)
     ledger.clear_attempts(shards)  # an operator's rerun gives each shard its attempts afresh
-    typer.echo(f"job root: {ledger.job_root}: rerunning {len(shards)} shards "
-               f"({status.pending} pending, {status.failed} failed rows)")
-    outcome = execute(job, ledger, shards, status.pending + status.failed,
-                      on_progress=None if quiet else _progress_printer())
-    return _report(outcome, ledger)
+    out.info(f"job root: {ledger.job_root}: rerunning {len(shards)} shards "
+             f"({status.pending} pending, {status.failed} failed rows)")
+    outcome = _execute(job, ledger, shards, status.pending + status.failed, out)
+    return _report(outcome, ledger, out)
 
 
 SHOWN_FAILURES = 20
 """Failed images named at the end of run and rerun; `deblur status JOB --failed` has all."""
 
 
-def _report(outcome: Any, ledger: Any) -> int:
+def _report(outcome: Any, ledger: Any, out: _Output | None = None) -> int:
+    """The final summary: its own block (after a blank line), or one JSON object (--json)."""
+    from deblur.console import hms
+    from deblur.job.ledger import run_throughput
+
+    out = out or _Output(False, False, None, False)
     status = outcome.status
-    typer.echo(f"done: {status.ok} ok, {status.failed} failed, {status.pending} pending "
-               f"of {status.total} ({outcome.progress.images_per_s:.1f} images/s); "
-               f"job root: {outcome.job_root}")
+    summary = ledger.read_summary() or {}
+    rate = run_throughput(summary)
+    seconds = (summary.get("run") or {}).get("seconds")
+    stopped = bool(outcome.progress.cancelled or status.pending)
+    code = EXIT_STOPPED if stopped else (EXIT_FAILED_IMAGES if status.failed else EXIT_OK)
+    if out.as_json:
+        typer.echo(json.dumps({
+            "job_root": outcome.job_root, "state": summary.get("state"), "exit_code": code,
+            **status.to_dict(), "images_per_s": rate, "seconds": seconds,
+            "log": out.log_path}, default=str))
+    else:
+        typer.echo("")
+        typer.echo(f"done: {status.ok} ok, {status.failed} failed, {status.pending} pending "
+                   f"of {status.total}")
+        typer.echo(f"  throughput: {_rate(rate)} (while workers ran); wall time "
+                   f"{hms(seconds)}")
+        typer.echo(f"  job root:   {outcome.job_root}")
+        if out.log_path:
+            typer.echo(f"  log:        {out.log_path}")
     for reason, count in sorted(status.failures_by_reason.items()):
         typer.echo(f"  failed {reason}: {count}", err=True)
     if status.failed:
         _name_failures(ledger, status.failed)
-    if outcome.progress.cancelled or status.pending:
+    if stopped:
         typer.echo(f"stopped early: `deblur rerun {outcome.job_root}` finishes the job",
                    err=True)
-        return EXIT_STOPPED
-    return EXIT_FAILED_IMAGES if status.failed else EXIT_OK
+    return code
+
+
+def _rate(rate: float | None) -> str:
+    return "unknown" if rate is None else f"{rate:.2f} images/s"
 
 
 def _name_failures(ledger: Any, failed: int) -> None:
@@ -391,42 +504,14 @@ def failure_line(row: dict[str, Any]) -> str:
     return f"{key}: {row.get('reason') or 'unknown'}: {message}"
 
 
-def _progress_printer() -> Any:
-    """A one-line progress bar on a TTY; a plain log line every 10 s otherwise."""
-    tty = sys.stderr.isatty()
-    last = [0.0]
-
-    def show(progress: Any) -> None:
-        now = time.monotonic()
-        if now - last[0] < (0.5 if tty else 10.0):
-            return
-        last[0] = now
-        rate = progress.images_per_s
-        left = max(progress.rows_total - progress.rows_done, 0)
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        line = (f"{progress.rows_done}/{progress.rows_total} images, {rate:.1f}/s, "
-                f"ETA {eta}, {progress.failed} failed, workers {progress.workers_active}"
-                f" (+{progress.workers_pending} pending"
-                + (f", waiting for {progress.waiting_for}"
-                   if getattr(progress, "waiting_for", "") else "") + ")")
-        if tty:
-            sys.stderr.write("\r" + line.ljust(100))
-            sys.stderr.flush()
-        else:
-            typer.echo(line, err=True)
-
-    return show
-
-
-@app.command()
+@app.command(short_help="A job's totals, failures, throughput and state.")
 def status(
     job_root: Annotated[str, typer.Argument(help="The job's ledger root.")],
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     failed: Annotated[bool, typer.Option(
-        "--failed", help="List the failed images instead: `key: reason: message` lines "
-                         "(with --json, one JSON object per line), streamed shard by shard."
-    )] = False,
+        "--failed", help="List failed images: `key: reason: message` (JSON with --json).")
+    ] = False,
     reason: Annotated[str | None, typer.Option(
         help="With --failed (implied): only failures of this reason, e.g. corrupt.")] = None,
 ) -> None:
@@ -446,32 +531,38 @@ def _failed_rows(job_root: str, reason: str | None, as_json: bool) -> None:
 
 
 def _status(job_root: str, as_json: bool) -> None:
-    from deblur.job.ledger import Ledger
+    from deblur.job.ledger import Ledger, run_throughput
 
     ledger = Ledger.open_recorded(job_root)
     data = ledger.status().to_dict()
     state, error = ledger.state()
     snapshot = ledger.latest_snapshot()
     summary = ledger.read_summary()
+    rate = run_throughput(summary)
     if as_json:
         typer.echo(json.dumps({**data, "state": state, "error": error,
-                               "last_snapshot": snapshot, "summary": summary},
+                               "last_snapshot": snapshot, "summary": summary,
+                               "images_per_s_while_workers_ran": rate},
                               indent=2, default=str))
         return
+    model = ledger.job().get("model") or {}
     typer.echo(f"job {ledger.job_root}")
     typer.echo(f"  state: {state}" + (f": {error}" if error else ""))
+    typer.echo(f"  model: {model.get('name') or ledger.config().model.name}, "
+               + ("RANDOM weights (outputs are NOT deblurred)" if model.get("random_weights")
+                  else f"weights {model.get('weights')} (sha256 "
+                       f"{(model.get('weights_sha256') or '?')[:12]})"))
     typer.echo(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "
                f"{data['pending']} pending")
     typer.echo(f"  shards: {data['shards_done']}/{data['shards_total']} done")
-    if data.get("throughput_images_per_s"):
-        typer.echo(f"  throughput: {data['throughput_images_per_s']:.2f} images/s "
-                   f"(first to last finished image)")
+    # One throughput, the one the run's summary and the report show (run_throughput).
+    typer.echo(f"  throughput: {_rate(rate)}, last run (images per second of wall time "
+               f"while workers ran)")
     for reason, count in sorted(data.get("failures_by_reason", {}).items()):
         typer.echo(f"  failed {reason}: {count}")
     if snapshot:
         fill = snapshot.get("mean_batch_fill")
-        typer.echo(f"  last run: {snapshot['images_per_s']:.2f} images/s, "
-                   f"mean batch {snapshot.get('mean_batch_size') or 0:.1f} images"
+        typer.echo(f"  last run: mean batch {snapshot.get('mean_batch_size') or 0:.1f} images"
                    + (f" ({fill:.0%} filled)" if fill else "")
                    + f", {snapshot['storage_retries']} storage retries, "
                    f"{snapshot['retries']} shard retries")
@@ -486,14 +577,22 @@ def _status(job_root: str, as_json: bool) -> None:
                        f" ms, p99 {figures['p99_ms']:.1f} ms")
     if summary and summary.get("quality"):
         quality = summary["quality"]
-        typer.echo("  quality: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()
+        typer.echo("  quality: " + ", ".join(f"{k} {_number(v)}" for k, v in quality.items()
                                               if isinstance(v, (int, float))))
 
 
-@app.command()
+def _number(value: float) -> str:
+    """Counts as integers (``8``, not ``8.000``), measures to 3 decimals."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else \
+        f"{value:.3f}"
+
+
+@app.command(short_help="Stop a job after the shards in flight.")
 def cancel(job_root: Annotated[str, typer.Argument(help="The job's ledger root.")]) -> None:
-    """Stop the job after the shards in flight: its driver dispatches no more, lets those
-    finish, writes summary.json and exits 3. `deblur rerun` (or `run --resume`) finishes it."""
+    """Stop the job after the shards in flight (its driver then exits 3).
+
+    The driver dispatches no more shards, lets those in flight finish and writes
+    summary.json; `deblur rerun` (or `run --resume`) finishes the job later."""
     _guard(_cancel, job_root)
 
 
@@ -512,7 +611,7 @@ def _cancel(job_root: str) -> None:
                    f"`deblur rerun {job_root}` clears the request and finishes the job")
 
 
-@app.command()
+@app.command(short_help="Write the job's report.html (totals, samples).")
 def report(
     job_root: Annotated[str, typer.Argument(help="The job's ledger root.")],
     *,
@@ -544,17 +643,54 @@ def _report_page(job_root: str, out: str | None, open_page: bool, samples: int) 
 
 
 @app.command("list")
-def list_jobs(destination: Annotated[str, typer.Argument(help="A job's destination.")]) -> None:
-    """List the jobs recorded under DESTINATION/_deblur/."""
-    _guard(_list, destination)
+def list_jobs(
+    destination: Annotated[str, typer.Argument(help="A job's destination.")],
+    *,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per job and line (epoch times).")] = False,
+) -> None:
+    """List the jobs recorded under DESTINATION/_deblur/, oldest first."""
+    _guard(_list, destination, as_json)
 
 
-def _list(destination: str) -> None:
-    from deblur.job.ledger import list_jobs as ledger_list_jobs
+def _list(destination: str, as_json: bool) -> None:
+    from deblur.job.ledger import Ledger, list_jobs as ledger_list_jobs
     from deblur.io.storage import get_storage
 
-    for job in ledger_list_jobs(get_storage(), destination):
-        typer.echo(json.dumps(job, default=str))
+    storage = get_storage()
+    jobs = ledger_list_jobs(storage, destination)
+    for job in jobs:
+        if "corrupt" not in job:  # the counts `status` shows, from the job's index
+            ledger = Ledger(storage, job["job_root"])
+            counts = ledger.status()
+            job.update(ok=counts.ok, failed=counts.failed, pending=counts.pending,
+                       destination=ledger.job().get("destination"))
+    if as_json:
+        for job in jobs:
+            typer.echo(json.dumps(job, default=str))
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name in ("JOB ID", "CREATED", "STATE", "OK", "FAILED", "PENDING", "DESTINATION"):
+        numeric = name in ("OK", "FAILED", "PENDING")
+        table.add_column(name, justify="right" if numeric else "left",
+                         no_wrap=name != "DESTINATION", overflow="fold")
+    for job in jobs:
+        created = job.get("created_at")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-"
+        if "corrupt" in job:
+            table.add_row(job["job_id"], when, "corrupt", "-", "-", "-", job["job_root"])
+            continue
+        table.add_row(job["job_id"], when, job["state"], str(job["ok"]), str(job["failed"]),
+                      str(job["pending"]), str(job.get("destination") or ""))
+    if not jobs:
+        typer.echo(f"no jobs under {destination}")
+        return
+    # stdout as it is now (a test runner swaps it); no colour codes when it is not a TTY.
+    Console(file=sys.stdout, highlight=False).print(table)
 
 
 @app.command()
@@ -574,7 +710,7 @@ def _manifest(prefix: str, out: str) -> None:
     typer.echo(f"wrote {count} keys to {out}")
 
 
-@app.command()
+@app.command(short_help="Make blurry sample images for a demo.")
 def samples(
     folder: Annotated[Path, typer.Argument(help="Folder to write the sample images into.")],
     count: Annotated[int, typer.Option(help="How many images.")] = 8,
@@ -587,7 +723,13 @@ def samples(
                f"(sharp references in {reference_folder(folder)})")
 
 
-@app.command()
+GPU_TYPES = ("cpu-dev",)
+"""``plan --gpu-type`` choices for help: the device types of estimate.THROUGHPUT, copied here
+because that module imports pyarrow (help must stay fast); tests/test_cli_output.py checks the
+two agree. A wrong value is refused by the estimate itself, in one line with exit 2."""
+
+
+@app.command(short_help="Dry run: count, sizes, cost. Writes nothing.")
 def plan(
     source: Source,
     destination: Destination,
@@ -597,7 +739,8 @@ def plan(
     shard_size: ShardSize = None,
     gpus: Annotated[int, typer.Option(help="Devices the job would run on.")] = 1,
     gpu_type: Annotated[str, typer.Option(
-        help="Device type with a measured throughput figure (deblur/job/estimate.py).")] = "cpu-dev",
+        metavar="[" + "|".join(GPU_TYPES) + "]",
+        help="Device type with a measured throughput figure.")] = "cpu-dev",
     sample: Annotated[int, typer.Option(help="Image headers to read (a seeded sample).")] = 200,
     seed: Annotated[int, typer.Option(help="Sample seed.")] = 0,
     out: Annotated[Path | None, typer.Option(
@@ -618,11 +761,14 @@ def _plan_config(path: Path | None, overrides: dict[str, Any]) -> Any:
     from deblur import config as config_mod
     from deblur.errors import ConfigError
 
+    from deblur.envvars import merged
+
     try:
-        return config_mod.load(path, overrides)
+        return config_mod.load(path, merged(os.environ, overrides))
     except ConfigError as first:
         try:  # missing weights were the only problem if it loads as a random-weights config
-            return config_mod.load(path, {**overrides, "model.random_weights": True})
+            return config_mod.load(path, merged(os.environ,
+                                                {**overrides, "model.random_weights": True}))
         except ConfigError:
             raise first from None
 
@@ -699,9 +845,10 @@ def _train(options: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("deblur.run.driver", "deblur.run.pool"):  # workers, metrics URL
-        logging.getLogger(name).setLevel(logging.INFO)
+    from deblur.console import setup_logging
+
+    # deblur's warnings on the terminal; run/rerun add the job's log file (and -v).
+    setup_logging()
     app()
 
 

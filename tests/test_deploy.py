@@ -6,6 +6,7 @@ config against Ray's own schema."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -559,3 +560,115 @@ def test_every_try_of_the_rendered_entrypoint_finishes_one_job(tmp_path: Path) -
     assert [p.name for p in Path(dest, "_deblur").iterdir()] == ["batch.nightly"]
     second.release_lease()
     assert Ledger.open(storage, root).job()["job_id"] == "batch.nightly"
+
+
+# KubeRay ray-cluster chart conventions (issue 19): private registry, names, per-group pod
+# settings. tests/helm-values/private-registry.yaml also goes through the CRD check above.
+def _submitter(docs: list[dict]) -> dict:
+    return by_kind(docs, "RayJob")[0]["spec"]["submitterPodTemplate"]["spec"]
+
+
+def test_private_registry_and_per_group_pod_settings_land_in_every_pod() -> None:
+    docs = render(ROOT / "tests/helm-values/private-registry.yaml")
+    head, group = _head(docs), _group(docs)
+    pods = {"head": head["template"]["spec"], "workers": group["template"]["spec"],
+            "submitter": _submitter(docs)}
+    for name, pod in pods.items():
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}], name
+        assert pod["containers"][0]["image"] == "registry.example.com/ml/deblur:0.1.0", name
+    # nameOverride: resource names and the name label; the job id stays <ns>.<release>.
+    cluster = by_kind(docs, "RayCluster")[0]
+    assert cluster["metadata"]["name"] == "t-deblurx"
+    assert cluster["metadata"]["labels"]["app.kubernetes.io/name"] == "deblurx"
+    assert "'--job-id' 'default.t'" in by_kind(docs, "RayJob")[0]["spec"]["entrypoint"]
+    # Head: its own scheduling, security context (merged into the chart's), env after the
+    # chart's, envFrom, extra volume + mount beside the chart's, ray start flags merged.
+    h = pods["head"]
+    assert h["nodeSelector"] == {"pool": "cpu"}
+    assert h["tolerations"][0]["key"] == "dedicated"
+    assert "nodeAffinity" in h["affinity"]
+    assert h["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000, "fsGroup": 1000}
+    container = h["containers"][0]
+    assert [e["name"] for e in container["env"]][-1] == "HTTPS_PROXY"
+    assert {"AWS_REGION", "RAY_AUTH_TOKEN"} <= set(_env(container))
+    assert container["envFrom"] == [{"configMapRef": {"name": "proxy-settings"}}]
+    assert {v["name"] for v in h["volumes"]} == {"job-config", "dshm", "ca-certs"}
+    assert {m["name"] for m in container["volumeMounts"]} == {"job-config", "dshm", "ca-certs"}
+    assert head["rayStartParams"] == {"num-cpus": "1", "object-store-memory": "2000000000",
+                                      "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"}
+    # Workers: GPU pool selector/taints plus the group's own, the rest as for the head.
+    w = pods["workers"]
+    assert w["nodeSelector"] == {"nvidia.com/gpu.present": "true", "gpu-pool": "a100"}
+    assert [t["key"] for t in w["tolerations"]] == ["nvidia.com/gpu", "spot"]
+    assert "podAntiAffinity" in w["affinity"]
+    assert w["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+    wc = w["containers"][0]
+    assert _env(wc)["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "sts"
+    assert wc["envFrom"] == [{"secretRef": {"name": "extra-env"}}]
+    assert {v["name"] for v in w["volumes"]} == {"dshm", "scratch"}
+    assert {"name": "scratch", "mountPath": "/scratch"} in wc["volumeMounts"]
+    assert group["rayStartParams"] == {"num-cpus": "6", "metrics-export-port": "8080"}
+    # The submitter is a CPU pod scheduled like the head.
+    s = pods["submitter"]
+    assert s["nodeSelector"] == {"pool": "cpu"} and "nodeAffinity" in s["affinity"]
+    assert s["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000}
+
+
+def test_defaults_render_no_pull_secrets_and_the_previous_pod_settings() -> None:
+    docs = render()
+    pods = [_head(docs)["template"]["spec"], _group(docs)["template"]["spec"], _submitter(docs)]
+    assert not any("imagePullSecrets" in p or "affinity" in p for p in pods)
+    assert pods[0]["securityContext"] == pods[1]["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+    assert _head(docs)["rayStartParams"]["num-cpus"] == "0"  # the head schedules no work
+    assert by_kind(docs, "RayCluster")[0]["metadata"]["name"] == "t-deblur"
+
+
+def test_fullname_override_names_every_resource() -> None:
+    docs = render(None, "fullnameOverride=deblur-prod")
+    names = {d["metadata"]["name"] for d in docs}
+    assert {"deblur-prod", "deblur-prod-job"} <= names
+    assert all(n.startswith("deblur-prod") for n in names), names
+    job = by_kind(docs, "RayJob")[0]
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "deblur-prod"}
+
+
+@pytest.mark.parametrize("bad", [
+    "imagePullSecrets[0].secret=regcred",               # [{name: ...}] only
+    "head.env[0].name=AWS_SECRET_ACCESS_KEY,head.env[0].value=x",   # credentials by ref only
+    "workers.env[0].name=RAY_AUTH_TOKEN,workers.env[0].value=x",
+    "workers.volumes[0].name=dshm",                     # the chart's own volume
+    "head.rayStartParams.num-cpus=4",                   # ray start flags are strings
+    "fullnameOverride=Not_A_Name",
+    "job.config.batch.max_batch=eight",                 # types come from deblur/config.py
+    "job.config.model.precison=fp16",
+])
+def test_values_schema_rejects_bad_pod_settings_and_config(bad: str) -> None:
+    out = run_helm("template", "t", str(CHART), "--set", bad)
+    assert out.returncode != 0, f"--set {bad} was accepted"
+    assert "schema" in out.stderr.lower(), out.stderr
+
+
+def test_a_job_config_typo_fails_at_helm_template_naming_the_key(tmp_path: Path) -> None:
+    values = tmp_path / "typo.yaml"
+    values.write_text("job:\n  config:\n    batch:\n      max_bach: 8\n")
+    out = run_helm("template", "t", str(CHART), "-f", str(values))
+    assert out.returncode != 0
+    assert "max_bach" in out.stderr and "/job/config/batch" in out.stderr, out.stderr
+
+
+def test_committed_values_schema_is_generated_from_the_config_classes() -> None:
+    from deblur.dev import values_schema
+
+    text = values_schema.SCHEMA_PATH.read_text()
+    assert values_schema.render(json.loads(text)) == text, \
+        "helm/deblur/values.schema.json is stale: run python -m deblur.dev.values_schema"
+    # Every section and key deblur knows is in the schema, and the shipped configs pass it.
+    schema = values_schema.job_config_schema()
+    for f in dataclasses.fields(job_config.JobConfig):
+        assert f.name in schema["properties"], f.name
+    validator = jsonschema.Draft7Validator({**schema, "required": []})
+    for path in (ROOT / "configs").glob("*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        data.get("scheduler", {}).pop("max_workers", None)  # derived by the chart
+        assert not list(validator.iter_errors(data)), path

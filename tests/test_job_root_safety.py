@@ -242,7 +242,7 @@ def test_status_and_list_survive_a_corrupt_job_file(storage: Storage, root: str)
            "or overwritten)" in status.output
     assert len(status.output.strip().splitlines()) == 1
     assert "bytes, unknown binary)" in status.output and "x89" not in status.output  # no bytes
-    listed = cli.invoke(app, ["list", join(root, "out")])
+    listed = cli.invoke(app, ["list", join(root, "out"), "--json"])
     assert listed.exit_code == 0, listed.output
     rows = [json.loads(line) for line in listed.output.strip().splitlines()]
     assert [r["job_id"] for r in rows] == ["20260101-000001-bbbbbb", "20260101-000000-aaaaaa"]

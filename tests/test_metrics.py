@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client import generate_latest
 
@@ -29,12 +30,17 @@ def alert_exprs() -> list[str]:
 
 
 def _fed_metrics() -> JobMetrics:
+    from deblur.run.pool import Progress
+
     metrics = JobMetrics("job-1", "mimo-unet", "abc")
+    metrics.set_job_scope(planned=10, run_rows=6)  # a resumed run: 4 images done before it
     metrics.observe_shard({"worker": "w1", "ok": 3, "failed": 1, "metrics": {
         "stages": {"fetch": [1.0, 2.0], "infer": [30.0]}, "batches": [(2, 0.9), (1, 1.0)],
         "busy_s": 0.5, "wall_s": 1.0, "queue_peak": 4, "reasons": {"corrupt": 1},
         "bytes_in": 100, "bytes_out": 80, "storage_retries": 2, "gpu_memory_bytes": 0,
-        "fp32_reruns": 3}})
+        "fp32_reruns": 3, "gpu_utilization": 0.75}})
+    metrics.observe_progress(Progress(shards_total=2, rows_total=6, rows_done=4), queued=1,
+                             running=1)
     return metrics
 
 
@@ -68,9 +74,65 @@ def test_dashboard_has_datasource_and_job_variables_and_every_panel_filters_by_j
     data = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in data["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
-    assert "deblur_job_info" in variables["job"]["definition"]
+    assert "deblur_job_info" in variables["job_id"]["query"]
     for expr in dashboard_exprs():
-        assert 'job_id=~"$job"' in expr, expr
+        assert 'job_id=~"$job_id"' in expr, expr
+
+
+# Renamed by Prometheus' naming guidance (a 0-1 value ends in _ratio, a peak says so, one
+# metric per queue); nothing may export or query the old names.
+RENAMED = {
+    "deblur_batch_fill": "deblur_batch_fill_ratio",
+    "deblur_gpu_utilization": "deblur_engine_busy_ratio",
+    "deblur_gpu_memory_bytes": "deblur_gpu_memory_peak_bytes",
+    "deblur_queue_depth": "deblur_shard_queue_depth",
+}
+
+
+def test_old_metric_names_are_gone_from_metrics_dashboard_and_rules() -> None:
+    text = generate_latest(_fed_metrics().registry).decode()
+    exported = exported_series_names()
+    for old, new in RENAMED.items():
+        assert not any(re.fullmatch(rf"{old}(_bucket|_sum|_count|_created)?", n)
+                       for n in exported), old
+        assert any(n.startswith(new) for n in exported), new
+        assert not re.search(rf"\b{old}\b(?!_ratio|_peak)", text), old
+        for expr in dashboard_exprs() + alert_exprs():
+            assert not re.search(rf"\b{old}\b(?!_ratio)", expr), (old, expr)
+        assert old not in METRIC_NAMES
+
+
+def test_ratios_and_the_two_queues() -> None:
+    metrics = _fed_metrics()
+    value = metrics.registry.get_sample_value
+    # the engine's busy share and the device's own figure are two series
+    assert value("deblur_engine_busy_ratio", {"job_id": "job-1", "worker": "w1"}) == 0.5
+    assert value("deblur_gpu_utilization_ratio", {"job_id": "job-1", "worker": "w1"}) == 0.75
+    assert value("deblur_batch_fill_ratio_sum", {"job_id": "job-1"}) == pytest.approx(1.9)
+    # shards at the driver (no worker label) and images in a worker: separate metrics
+    assert value("deblur_shard_queue_depth", {"job_id": "job-1"}) == 1
+    assert value("deblur_decode_queue_peak_images", {"job_id": "job-1", "worker": "w1"}) == 4
+    assert value("deblur_gpu_memory_peak_bytes", {"job_id": "job-1", "worker": "w1"}) == 0
+
+
+def test_device_utilization_is_absent_without_nvml_reading() -> None:
+    """A worker that reports no NVML figure (CPU, no nvidia-ml-py) has no series."""
+    metrics = JobMetrics("job-1", "mimo-unet")
+    metrics.observe_shard({"worker": "w1", "ok": 1, "failed": 0, "metrics": {
+        "busy_s": 0.2, "wall_s": 1.0, "gpu_utilization": None}})
+    text = generate_latest(metrics.registry).decode()
+    assert "deblur_gpu_utilization_ratio{" not in text
+    assert 'deblur_engine_busy_ratio{job_id="job-1",worker="w1"} 0.2' in text
+
+
+def test_job_progress_gauges_count_earlier_runs() -> None:
+    """A resumed run's gauges start from what the ledger had, so the job's progress does not
+    drop back to zero (the run's own gauges do)."""
+    metrics = _fed_metrics()  # 10 images, 4 done before this run, 4 of its 6 done since
+    assert _gauge(metrics, "deblur_job_images_planned") == 10
+    assert _gauge(metrics, "deblur_job_images_finished") == 8
+    assert _gauge(metrics, "deblur_images_expected") == 6
+    assert _gauge(metrics, "deblur_images_pending") == 2
 
 
 def test_shard_reports_fold_into_snapshot() -> None:
@@ -157,3 +219,13 @@ def test_close_waits_for_the_scrape_that_records_the_end() -> None:
     finished = re.search(r'^deblur_job_finished_timestamp_seconds\{job_id="job-1"\} (\S+)$',
                          text, re.M)
     assert finished and float(finished.group(1)) > 0, text
+
+
+def test_nvml_is_not_imported_without_cuda() -> None:
+    """On a CPU worker the device figure is None (series absent) and pynvml is never loaded."""
+    import sys
+
+    from deblur.observe.gpu import device_utilization
+
+    assert device_utilization() is None
+    assert "pynvml" not in sys.modules

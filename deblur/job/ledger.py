@@ -413,6 +413,18 @@ class JobStatus:
                 "cancel_requested": self.cancel_requested}
 
 
+def run_throughput(summary: dict[str, Any] | None) -> float | None:
+    """THE throughput `deblur status`, the run's final line and the report show: images (ok
+    or failed) per second of wall time while workers ran, for the last run (summary.json's
+    ``run``: its images over the seconds from its first ready worker to its end, so Ray and
+    model start-up are excluded). None when unknown (no run yet, none got a worker)."""
+    run = (summary or {}).get("run") or {}
+    images, seconds = run.get("images"), run.get("worker_seconds")
+    if images is None or not seconds or seconds <= 0:
+        return None
+    return float(images) / float(seconds)
+
+
 class Ledger:
     """Reads and writes one job's state under ``job_root``."""
 

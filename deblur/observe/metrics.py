@@ -44,9 +44,12 @@ _FILL_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 METRIC_NAMES = (
     "deblur_job_info", "deblur_images_total", "deblur_failures_total", "deblur_bytes_total",
-    "deblur_stage_seconds", "deblur_batch_size", "deblur_batch_fill", "deblur_queue_depth",
-    "deblur_shards", "deblur_images_pending", "deblur_images_expected", "deblur_workers",
-    "deblur_gpu_utilization", "deblur_gpu_memory_bytes", "deblur_storage_retries_total",
+    "deblur_stage_seconds", "deblur_batch_size", "deblur_batch_fill_ratio",
+    "deblur_shard_queue_depth", "deblur_decode_queue_peak_images",
+    "deblur_shards", "deblur_images_pending", "deblur_images_expected",
+    "deblur_job_images_planned", "deblur_job_images_finished", "deblur_workers",
+    "deblur_engine_busy_ratio", "deblur_gpu_utilization_ratio",
+    "deblur_gpu_memory_peak_bytes", "deblur_storage_retries_total",
     "deblur_shard_retries_total", "deblur_fp32_reruns_total",
     "deblur_last_progress_timestamp_seconds", "deblur_job_finished_timestamp_seconds",
 )
@@ -103,26 +106,45 @@ class JobMetrics:
                                ["job_id", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("deblur_batch_size", "Images per forward pass", job,
                                     buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_fill = Histogram("deblur_batch_fill",
+        # Names follow Prometheus' guidance: a 0-1 value ends in _ratio, a unit in its unit.
+        self.batch_fill = Histogram("deblur_batch_fill_ratio",
                                     "Useful pixels / padded pixels of each batch", job,
                                     buckets=_FILL_BUCKETS, registry=r)
-        self.queue = Gauge("deblur_queue_depth", "Queue depth: shards waiting (driver) or the "
-                           "peak of decoded images waiting for the model (worker)",
-                           ["job_id", "worker", "queue"], registry=r)
+        # Two queues, two metrics: one counts shards at the driver, the other images in a
+        # worker; summed under one name they meant nothing.
+        self.shard_queue = Gauge("deblur_shard_queue_depth",
+                                 "Shards waiting at the driver for a worker", job, registry=r)
+        self.decode_queue = Gauge("deblur_decode_queue_peak_images",
+                                  "Peak of decoded images waiting for the model during the "
+                                  "worker's last shard", ["job_id", "worker"], registry=r)
         self.shards = Gauge("deblur_shards", "Shards by state", ["job_id", "state"],
                             registry=r)
         self.pending = Gauge("deblur_images_pending", "Images not finished yet", job,
                              registry=r)
         self.expected = Gauge("deblur_images_expected", "Images this run will finish", job,
                               registry=r)
+        # The whole job, across resumes (the two above are this run's): what the ledger had
+        # finished when the run started plus what this run finished since.
+        self.job_planned = Gauge("deblur_job_images_planned", "Images in the job's manifest",
+                                 job, registry=r)
+        self.job_finished = Gauge("deblur_job_images_finished",
+                                  "Images of the job with a final result (ok or failed), "
+                                  "earlier runs included", job, registry=r)
         self.workers = Gauge("deblur_workers", "Worker actors: active (ready) or pending "
                              "(waiting for a GPU node or loading)", ["job_id", "state"],
                              registry=r)
-        self.gpu_util = Gauge("deblur_gpu_utilization", "Share of wall time the model ran "
-                              "(engine busy fraction over the worker's last shard)",
+        # What the engine measures is its own busy share, not the device's: a GPU shared
+        # with other work, or kernels that leave the device idle, differ from it.
+        self.engine_busy = Gauge("deblur_engine_busy_ratio", "Share of wall time the model "
+                                 "ran (engine busy fraction over the worker's last shard)",
+                                 ["job_id", "worker"], registry=r)
+        # The device's own figure, from NVML; only workers that could read it have a series.
+        self.gpu_util = Gauge("deblur_gpu_utilization_ratio", "Device utilisation from NVML "
+                              "(share of time a kernel ran, sampled when a shard ends)",
                               ["job_id", "worker"], registry=r)
-        self.gpu_memory = Gauge("deblur_gpu_memory_bytes", "Peak CUDA memory allocated "
-                                "(0 on CPU)", ["job_id", "worker"], registry=r)
+        self.gpu_memory = Gauge("deblur_gpu_memory_peak_bytes", "Peak CUDA memory allocated "
+                                "by the worker's process (0 on CPU)", ["job_id", "worker"],
+                                registry=r)
         self.storage_retries = Counter("deblur_storage_retries",
                                        "Object-store requests retried (throttles, resets)",
                                        job, registry=r)
@@ -159,6 +181,8 @@ class JobMetrics:
         self.shard_retries.labels(job_id)
         self.pending.labels(job_id)
         self.expected.labels(job_id)
+        self.shard_queue.labels(job_id)
+        self._done_before = 0
         self.latency = LatencySample()
         self.totals: dict[str, Any] = {"ok": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0,
                                        "batches": 0, "batch_images": 0, "fill_sum": 0.0,
@@ -229,9 +253,11 @@ class JobMetrics:
             # The engine's busy share over the shard's wall time (a gauge: shards in flight
             # together may share it); busy_s is the shard's own part of it.
             busy = m.get("engine_busy_s", m.get("busy_s", 0.0))
-            self.gpu_util.labels(job, worker).set(min(1.0, busy / m["wall_s"]))
+            self.engine_busy.labels(job, worker).set(min(1.0, busy / m["wall_s"]))
+        if m.get("gpu_utilization") is not None:
+            self.gpu_util.labels(job, worker).set(m["gpu_utilization"])
         self.gpu_memory.labels(job, worker).set(m.get("gpu_memory_bytes", 0))
-        self.queue.labels(job, worker, "decoded").set(m.get("queue_peak", 0))
+        self.decode_queue.labels(job, worker).set(m.get("queue_peak", 0))
         self.fp32_reruns.labels(job).inc(m.get("fp32_reruns", 0))
         retries = m.get("storage_retries", 0)
         self.storage_retries.labels(job).inc(retries)
@@ -245,11 +271,19 @@ class JobMetrics:
         self.shards.labels(job, "done").set(progress.shards_done)
         self.shards.labels(job, "running").set(running)
         self.shards.labels(job, "queued").set(queued)
-        self.queue.labels(job, "driver", "shards").set(queued)
+        self.shard_queue.labels(job).set(queued)
         self.pending.labels(job).set(max(0, progress.rows_total - progress.rows_done))
+        self.job_finished.labels(job).set(self._done_before + progress.rows_done)
         self.expected.labels(job).set(progress.rows_total)
         self.workers.labels(job, "active").set(progress.workers_active)
         self.workers.labels(job, "pending").set(progress.workers_pending)
+
+    def set_job_scope(self, planned: int, run_rows: int) -> None:
+        """The job's size and, from it, what earlier runs finished: every image not in this
+        run (``run_rows``) already has its final result row."""
+        self._done_before = max(0, planned - run_rows)
+        self.job_planned.labels(self.job_id).set(planned)
+        self.job_finished.labels(self.job_id).set(self._done_before)
 
     def observe_retry(self) -> None:
         self.shard_retries.labels(self.job_id).inc()

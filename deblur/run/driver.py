@@ -74,19 +74,25 @@ class StopSignals(threading.Event):
         self.previous.clear()
 
 
-def start_ray(config: JobConfig) -> None:
+def start_ray(config: JobConfig, *, verbose: bool = False) -> None:
     """Connect to ``scheduler.address`` or start Ray in-process (the embedded default).
 
     In-process on a machine without CUDA, Ray gets logical GPUs so the same actors (asking for
     ``gpus_per_worker``) schedule as they would on a GPU node, and run on the CPU.
+
+    Workers' output is not copied to this process's stdout unless ``verbose`` (it stays in
+    Ray's session logs); Ray's own logger goes through ours, i.e. to the job's log file.
     """
     import ray
 
+    from deblur.console import quiet_ray_logger
+
     if ray.is_initialized():
         return
+    quiet_ray_logger()
     sched = config.scheduler
     if sched.address:
-        ray.init(address=sched.address, log_to_driver=True)
+        ray.init(address=sched.address, log_to_driver=verbose, configure_logging=False)
         return
     import os
 
@@ -99,7 +105,7 @@ def start_ray(config: JobConfig) -> None:
                math.ceil(sched.max_workers * config.worker.cpus_per_worker) + 1)
     # address="local": always a fresh instance, never a cluster some `ray start` left behind.
     ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
+             log_to_driver=verbose, configure_logging=False)
 
 
 def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
@@ -184,23 +190,30 @@ def _record_failure(ledger: Ledger, exc: PipelineError, model: dict[str, Any]) -
 
 def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
             on_progress: Callable[[Progress], None] | None = None,
-            actor_class: Any | None = None) -> JobOutcome:
+            actor_class: Any | None = None, *, verbose: bool = False) -> JobOutcome:
     """Run ``shards`` (about ``rows`` images) on Ray, then write summary.json from the ledger.
 
     Metrics are served on ``config.metrics`` while it runs and snapshotted under the job root.
+    ``verbose``: Ray workers' output is copied to this process's stdout.
     """
     from deblur.observe.metrics import JobMetrics, SnapshotWriter, latency_percentiles
 
     job = ledger.job()
     model = job.get("model") or {}
     metrics = JobMetrics(job["job_id"], config.model.name, model.get("weights_sha256"))
+    # The whole job's progress outlives a resume: the images not in this run are done.
+    metrics.set_job_scope(int(job.get("rows") or rows), rows)
     if config.metrics.enabled:
         port = metrics.serve(config.metrics.host, config.metrics.port)
         if port is not None:
             log.info("metrics: http://%s:%d/metrics", config.metrics.host, port)
     snapshots = SnapshotWriter(ledger, metrics, config.metrics.snapshot_interval_s)
 
+    workers_since: list[float] = []  # when a worker was first ready: throughput's clock
+
     def progressed(progress: Progress) -> None:
+        if not workers_since and progress.workers_active:
+            workers_since.append(time.monotonic())
         snapshots.maybe_write(progress)
         if on_progress is not None:
             on_progress(progress)
@@ -208,7 +221,7 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
     lease = ledger.keep_lease(config.scheduler.lease_ttl_s)  # refuses another live driver
     stop = StopSignals().install()
     try:
-        start_ray(config)
+        start_ray(config, verbose=verbose)
         stop.install()  # again: ray.init replaced the SIGTERM handler
         pool = ActorPool(config, ledger, progressed, actor_class, metrics, lease=lease)
         pool.stop = stop
@@ -220,7 +233,12 @@ def execute(config: JobConfig, ledger: Ledger, shards: list[int], rows: int,
         summary["state"] = ("stopped" if progress.cancelled or status.pending
                             else "finished")
         final = metrics.snapshot(progress)
-        summary["run"] = {"seconds": time.monotonic() - progress.started,
+        ended = time.monotonic()
+        summary["run"] = {"seconds": ended - progress.started,
+                          # For run_throughput: this run's images over the wall time from
+                          # its first ready worker to its end (start-up excluded).
+                          "images": progress.rows_done,
+                          "worker_seconds": ended - workers_since[0] if workers_since else None,
                           "images_per_s": progress.images_per_s, "retries": progress.retries,
                           "cancelled": progress.cancelled,
                           "mean_batch_size": final["mean_batch_size"],

@@ -41,6 +41,7 @@ import pyarrow as pa
 
 from deblur.io import codec
 from deblur.observe import quality
+from deblur.observe.gpu import device_utilization
 from deblur.run.engine import Engine
 from deblur.config import JobConfig, parse_shape
 from deblur.errors import (ImageError, NotFoundError, PipelineError, StorageError,
@@ -256,6 +257,7 @@ class ShardProcessor:
             "bytes_out": sum(r["bytes_out"] or 0 for r in results),
             "storage_retries": tally.storage_retries,
             "gpu_memory_bytes": _gpu_memory_bytes(),
+            "gpu_utilization": device_utilization(),  # None without CUDA or NVML
             "fp32_reruns": self.fp32_reruns() - reruns_before,
             "buffered_peak_bytes": self.buffer.peak,
         }
@@ -498,6 +500,10 @@ def worker_name() -> str:
 
 class WorkerActor:
     """Ray actor body (decorated in ``scheduler``): one replica, several shards in flight."""
+
+    # A class default: subclasses that build their own processor (benches, tests) need not set
+    # it.
+    start_error: WorkerStartError | None = None
 
     def __init__(self, config: dict[str, Any]) -> None:
         from deblur.config import from_dict

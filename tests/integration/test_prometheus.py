@@ -73,6 +73,14 @@ def prometheus(tmp_path: Path):
     proc.wait(20)
 
 
+def _nvml_readable() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("pynvml") is not None
+
+
 def test_promtool_checks_the_rules() -> None:
     out = subprocess.run([_binary("promtool"), "check", "rules", str(ALERTS)],
                          capture_output=True, text=True)
@@ -111,7 +119,10 @@ def test_dashboard_queries_return_data_for_a_real_job(prometheus, tmp_path: Path
 
     empty = []
     for expr in dashboard_exprs():
-        query = expr.replace("$job", job_id).replace("$__rate_interval", "10s")
+        if "deblur_gpu_utilization_ratio" in expr and not _nvml_readable():
+            continue  # NVML's figure: absent by design without a GPU and nvidia-ml-py
+        query = (expr.replace("$job_id", job_id).replace("$__rate_interval", "10s")
+                 .replace("$__range", "1h"))
         result = _api(base, "query_range", query=query, start=started, end=ended + 1, step=1)
         values = [float(v) for series in result["result"] for _, v in series["values"]]
         if not [v for v in values if v == v]:  # all NaN or nothing at all

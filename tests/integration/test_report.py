@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,12 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from deblur.cli import app
-from deblur.job.ledger import Ledger
+from deblur.job.ledger import Ledger, run_throughput
 from deblur.observe.qa import QASample
+from deblur.observe.report import build
 from deblur.dev.samples import reference_folder, write_samples
 from deblur.io.storage import Storage
 from deblur.run.worker import ShardProcessor
-from tests.conftest import job_config, unsharp
+from tests.conftest import jpeg, job_config, make_job, unsharp
 
 pytestmark = [pytest.mark.integration]
 
@@ -91,3 +94,72 @@ def test_report_renders_in_headless_chromium(evaluated_job: Ledger, tmp_path: Pa
     subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,3000",
                     out.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def _row(page: str, label: str) -> str:
+    match = re.search(rf"<th>{re.escape(label)}</th><td>([^<]*)</td>", page)
+    assert match, f"{label} row missing"
+    return match.group(1)
+
+
+def test_report_flags_random_weights_shows_evaluation_and_the_status_throughput(
+        evaluated_job: Ledger) -> None:
+    # The figure `deblur status` shows: the last run's images per second while workers ran.
+    summary = {"run": {"images": 9, "worker_seconds": 4.0, "seconds": 30.0,
+                       "images_per_s": 0.3}}
+    evaluated_job.write_summary(summary)
+    page = build(evaluated_job, samples_per_group=2)
+    assert _row(page, "Throughput (images/s while workers ran)") == \
+        f"{run_throughput(summary):.2f}" == "2.25"
+    # The test job runs with random weights (config) and job.json records no provenance flag.
+    assert 'id="random-weights"' in page and _row(page, "Weights") == "random (untrained)"
+    # PSNR/SSIM of the 6 reference rows: a table of the distribution, the worst first.
+    evaluation = page[page.index('id="evaluation"'):page.index('id="samples"')]
+    assert "<th>PSNR (dB)</th><td>6</td>" in evaluation and "<th>SSIM</th><td>6</td>" in evaluation
+    psnrs = [float(v) for v in re.findall(r"</code></td><td>([0-9.]+)</td>", evaluation)]
+    assert psnrs and psnrs == sorted(psnrs)
+    # Large before/after views with a zoomed crop of each ok pick, side by side.
+    assert page.count('<div class="row crops">') == page.count('<div class="row views">') > 0
+    assert 'alt="after, zoomed crop"' in page
+
+
+def test_real_weights_get_no_banner_and_plain_jobs_no_evaluation(tmp_path: Path) -> None:
+    ledger = make_job(str(tmp_path), {"a.jpg": jpeg(32, 32, 1)}, job_id="plain")
+    # What the driver records for real weights (deblur.model.weights.provenance).
+    job = ledger.job()
+    job["model"] = {"name": "mimo-unet", "weights": "s3://m/w.pkl", "weights_sha256": "ab" * 32,
+                    "random_weights": False}
+    ledger.storage.put(ledger.job_root.rstrip("/") + "/job.json", json.dumps(job).encode())
+    page = build(Ledger.open(ledger.storage, ledger.job_root))
+    assert 'id="random-weights"' not in page and _row(page, "Weights") == "ab" * 32
+    assert 'id="evaluation"' not in page
+    assert _row(page, "Throughput (images/s while workers ran)") == "–"  # no run yet
+
+
+def test_report_layout_in_chromium_large_pairs_and_labelled_axes(evaluated_job: Ledger,
+                                                                 tmp_path: Path) -> None:
+    page = build(evaluated_job, samples_per_group=2)
+    # The page has no script; a copy gets one that writes the laid-out sizes into the DOM.
+    probe = ("<script>const w = s => [...document.querySelectorAll(s)].map(i => "
+             "Math.round(i.getBoundingClientRect().width)).join(',');"
+             "document.body.dataset.views = w('.views img');"
+             "document.body.dataset.crops = w('.crops img');</script></body>")
+    out = tmp_path / "probe.html"
+    out.write_text(page.replace("</body>", probe))
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium missing: scripts/install_tools.sh installs it"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--disable-dev-shm-usage", "--user-data-dir=" + str(tmp_path / "p"),
+                          "--window-size=1200,3000", "--dump-dom", out.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    sizes = {k: [int(v) for v in re.search(rf'data-{k}="([0-9,]+)"', dom.stdout).group(1)
+                 .split(",")] for k in ("views", "crops")}
+    # Each of before / after takes about half the page width (the 96x64 inputs are scaled up
+    # to it), not a thumbnail; the crops likewise.
+    assert sizes["views"] and min(sizes["views"]) >= 450, sizes
+    assert sizes["crops"] and min(sizes["crops"]) >= 450, sizes
+    svgs = re.findall(r"<svg.*?</svg>", dom.stdout, re.S)
+    assert len(svgs) >= 3  # sharpness, PSNR, SSIM
+    for svg in svgs:
+        assert 'class="x-label"' in svg and 'class="y-label"' in svg

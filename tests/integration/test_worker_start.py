@@ -59,7 +59,7 @@ def test_a_worker_that_cannot_start_fails_the_run_in_one_line(tmp_path: Path) ->
 
     status = run_cli("status", root)
     assert "state: failed_to_start: no worker could start" in status.stdout, status.stdout
-    listed = [json.loads(line) for line in run_cli("list", out).stdout.splitlines()]
+    listed = [json.loads(line) for line in run_cli("list", out, "--json").stdout.splitlines()]
     assert [job["state"] for job in listed] == ["failed_to_start"]
 
 

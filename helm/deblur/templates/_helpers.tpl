@@ -3,11 +3,19 @@
 {{/* 47 characters at most: KubeRay rejects RayJob names longer than that (it appends 6
      characters for clusters it creates, and RayCluster names stop at 53). */}}
 {{- define "deblur.fullname" -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 47 | trimSuffix "-" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 47 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "deblur.name" .) | trunc 47 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "deblur.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "deblur.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "deblur.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}

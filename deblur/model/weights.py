@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import io
 import os
 import tempfile
 import threading
@@ -158,52 +157,6 @@ def read_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], str]:
             f"state_dict of tensors, found {type(obj).__name__}"
         )
     return dict(obj), digest
-
-
-def parse_state_dict(data: bytes, uri: str) -> dict[str, torch.Tensor]:
-    """Bytes of a checkpoint -> a flat {name: tensor} dict, without running pickled code."""
-    # safetensors: an 8-byte little-endian header length, then a JSON header.
-    if uri.endswith(".safetensors") or data[8:10] == b'{"':
-        return _parse_safetensors(data, uri)
-    if not data.startswith(_TORCH_MAGIC):
-        # Say what the file looks like (never its bytes), not what the unpickler tripped on:
-        # a text file or an image given as --weights is a wrong path, not a security problem.
-        from deblur.io.codec import sniff
-
-        raise WeightsError(f"weights {uri!r} are not a PyTorch checkpoint or safetensors file "
-                           f"({len(data)} bytes, {sniff(data[:512])}); give the .pkl/.pth "
-                           f"that torch.save wrote, or a .safetensors file")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, …
-        raise WeightsError(
-            f"cannot load weights {uri!r} safely ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); only tensors and plain "
-            f"containers are accepted (torch.load weights_only=True). Re-save the checkpoint as "
-            f"{{'model': model.state_dict()}} or as .safetensors"
-        ) from exc
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]  # the authors' {'model': sd, 'optimizer': …, 'epoch': …}
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(
-            f"weights {uri!r} hold no state_dict: expected {{'model': state_dict}} or a "
-            f"state_dict of tensors, found {type(obj).__name__}"
-        )
-    return dict(obj)
-
-
-def _parse_safetensors(data: bytes, uri: str) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load as load_safetensors
-    except ImportError as exc:
-        raise WeightsError(
-            f"weights {uri!r} are safetensors but the safetensors package is not installed: "
-            f"pip install 'deblur[safetensors]'"
-        ) from exc
-    try:
-        return load_safetensors(data)
-    except Exception as exc:
-        raise WeightsError(f"weights {uri!r} are not valid safetensors: {exc}") from exc
 
 
 def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], model_name: str,

@@ -58,8 +58,8 @@ def test_no_gpu_anywhere_ends_the_run_naming_it(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no node offers GPU: 1" in errors[0], proc.stderr
     assert "worker_start_timeout_s" in errors[0]
-    assert "(+1 pending, waiting for GPU: 1" in proc.stderr  # the progress line said so
-    # The demand the cluster could not meet is visible afterwards too.
+    # The demand the cluster could not meet is visible afterwards (the live line shows it too,
+    # but off a terminal it prints only every 10 s: tests/test_cli_output.py covers its text).
     status = run_cli("status", job_root, timeout=120)
     assert "1 pending (waiting for GPU: 1" in status.stdout, status.stdout + status.stderr
     snapshot = json.loads(run_cli("status", job_root, "--json", timeout=120).stdout)

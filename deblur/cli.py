@@ -73,7 +73,8 @@ def _guard(func: Any, *args: Any, **kwargs: Any) -> Any:
 
 # RAY_ADDRESS as Ray's own CLI reads it; without either, Ray starts in this process.
 Address = Annotated[str | None, typer.Option(
-    envvar="RAY_ADDRESS", help="Ray cluster (ray://… or auto); default: Ray in-process.")]
+    envvar="RAY_ADDRESS",
+    help="Ray cluster (ray://… or auto); default: a Ray inside this process.")]
 MinWorkers = Annotated[int | None, typer.Option(help="Actors kept alive even when idle.")]
 MaxWorkers = Annotated[int | None, typer.Option(help="Most worker actors (one model each).")]
 GpusPerWorker = Annotated[float | None, typer.Option(help="GPUs per actor; fractions allowed.")]
@@ -786,7 +787,7 @@ def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Pa
         out.write_text(data + "\n")
 
 
-@app.command()
+@app.command(short_help="Train or fine-tune MIMO-UNet on Ray Train.")
 def train(
     data: Annotated[str | None, typer.Argument(
         help="Manifest with key (blurry) and reference (sharp) columns; omit with --synthetic."
@@ -800,7 +801,8 @@ def train(
              "shake; then give only OUT.")] = None,
     init: Annotated[str | None, typer.Option(
         help="Start from these weights (any file `deblur run --weights` loads).")] = None,
-    model: Annotated[str, typer.Option(help="mimo-unet or mimo-unet-plus.")] = "mimo-unet",
+    model: Annotated[str, typer.Option(
+        help="Network to train.", metavar="[mimo-unet|mimo-unet-plus]")] = "mimo-unet",
     steps: Annotated[int, typer.Option(help="Optimizer steps in all.")] = 3000,
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(help="0 trains on CPUs.")] = 0.0,

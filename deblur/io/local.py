@@ -102,19 +102,10 @@ class LocalBackend:
             _unlink(tmp)
 
     def get_tagged(self, uri: str) -> tuple[bytes, str | None]:
-        try:
-            with open(to_local_path(uri), "rb") as handle:
-                # fstat of the open file: the tag of the very version read, even if a writer
-                # renames a new one into place meanwhile.
-                return handle.read(), _tag(os.fstat(handle.fileno()))
-        except FileNotFoundError:
-            raise NotFoundError(f"{uri} does not exist", uri) from None
-        except IsADirectoryError:
-            raise NotFoundError(f"{uri} is a folder, not a file", uri) from None
-        except PermissionError:
-            raise AccessDeniedError(f"no permission to read {uri}", uri) from None
-        except OSError as exc:
-            raise StorageError(f"cannot read {uri}: {exc.strerror}", uri) from None
+        with _reading(uri), open(to_local_path(uri), "rb") as handle:
+            # fstat of the open file: the tag of the very version read, even if a writer
+            # renames a new one into place meanwhile.
+            return handle.read(), _tag(os.fstat(handle.fileno()))
 
     def list(self, prefix: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
         root = to_local_path(prefix)
@@ -149,10 +140,16 @@ class LocalBackend:
 
 def _read(uri: str, start: int = 0, length: int = -1) -> bytes:
     """``length`` bytes from ``start`` (-1: to the end), for both get and get_range."""
+    with _reading(uri), open(to_local_path(uri), "rb") as handle:
+        handle.seek(start)
+        return handle.read(length)
+
+
+@contextlib.contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """Turn the OS errors of reading ``uri`` into the store's errors, naming it."""
     try:
-        with open(to_local_path(uri), "rb") as handle:
-            handle.seek(start)
-            return handle.read(length)
+        yield
     except FileNotFoundError:
         raise NotFoundError(f"{uri} does not exist", uri) from None
     except IsADirectoryError:

@@ -814,6 +814,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Data and initialisation seed.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     eval_every: Annotated[int, typer.Option(help="Steps between held-out PSNRs.")] = 500,
+    eval_size: Annotated[int, typer.Option(
+        help="Side of the held-out images' centre crops, px.")] = 256,
     log_every: Annotated[int, typer.Option(help="Steps between progress lines.")] = 10,
     holdout: Annotated[int | None, typer.Option(
         help="Images held out for the PSNR (default 1 in 20).")] = None,
@@ -831,8 +833,8 @@ def train(
         out=out, data=data, synthetic=synthetic, init=init, model=model, steps=steps,
         workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
         threads=threads, crop=crop, batch=batch, lr=lr, seed=seed,
-        checkpoint_every=checkpoint_every, eval_every=eval_every, log_every=log_every,
-        holdout=holdout, time_limit_s=None if time_limit is None else time_limit * 60,
+        checkpoint_every=checkpoint_every, eval_every=eval_every, eval_size=eval_size,
+        log_every=log_every, holdout=holdout, time_limit_s=None if time_limit is None else time_limit * 60,
         loader_workers=loader_workers, address=address,
         command=" ".join(["deblur", *sys.argv[1:]])))
 

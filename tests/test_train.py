@@ -73,6 +73,18 @@ def test_kernels_are_normalised_varied_and_seeded() -> None:
         3 * np.mean([off_axis(random_kernel(sample_rng(1, i), linear)) for i in range(20)])
 
 
+def test_kernels_are_centred_on_their_centre_of_mass() -> None:
+    """An off-centre kernel shifts the blurry image against the sharp one by an amount the
+    network cannot see; training on that teaches it to blur. Uneven speed along the path
+    must not move the centre of mass off the kernel's central pixel."""
+    for i in range(40):
+        k = random_kernel(sample_rng(3, i), BlurConfig(min_length=8, max_length=15))
+        ys, xs = np.indices(k.shape)
+        centre = k.shape[0] // 2
+        assert abs(float((k * ys).sum()) - centre) < 1e-6
+        assert abs(float((k * xs).sum()) - centre) < 1e-6
+
+
 def test_blurred_image_is_deterministic_and_blurrier() -> None:
     from deblur.dev.samples import make_scene
     from deblur.observe.quality import luminance, laplacian_variance
@@ -187,6 +199,21 @@ def test_checkpoint_runs_in_the_job_path_like_the_trained_model(sharp_folder: st
     from deblur.model.weights import provenance
 
     assert provenance(config)["weights"] == str(weights)
+
+
+def test_best_held_out_weights_are_kept_beside_the_last(sharp_folder: str,
+                                                         tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    train_here(tiny(out, sharp_folder, steps=4, eval_every=1, lr=3e-3))
+    scored = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in scored] == [1, 2, 3, 4]
+    best = max(scored, key=lambda m: m["holdout_psnr"])
+    with safe_open(str(out / "best.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert int(meta["steps"]) == best["step"]
+    assert float(meta["holdout_psnr"]) == pytest.approx(best["holdout_psnr"])
 
 
 def test_stopped_run_resumes_at_its_step_and_ends_where_an_unbroken_one_does(

@@ -369,3 +369,30 @@ def test_shipped_checkpoint_loads_in_the_job_path_and_deblurs(tmp_path: Path) ->
         sharp = np.asarray(Image.open(reference_folder(path.parent) / f"{path.stem}.png"))
         gains.append(psnr(deblurrer.deblur([blurry])[0], sharp) - psnr(blurry, sharp))
     assert np.mean(gains) > SHIPPED_MIN_GAIN_DB, gains
+
+
+@pytest.mark.integration
+def test_ray_train_progress_reaches_the_terminal_once_without_ray_noise(
+        sharp_folder: str, tmp_path: Path) -> None:
+    """`deblur train` as a user runs it: each progress line once (Ray Train's print patch
+    doubled them), and no warning a second from Ray Train's placement-group monitor."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "deblur.cli", "train", "--synthetic", sharp_folder, str(out),
+         "--steps", "3", "--crop", "32", "--batch", "1", "--log-every", "1",
+         "--eval-every", "3", "--eval-size", "48", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    for step in (1, 2, 3):
+        assert sum(f"step {step}/3  loss" in line for line in lines) == 1, output[-3000:]
+    assert sum("step 3: held-out PSNR" in line for line in lines) == 1, output[-3000:]
+    assert "Failed to query Ray Train Controller" not in output
+    assert "Reporting training result" not in output
+    assert (out / "best.safetensors").exists() and (out / "model.safetensors").exists()

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,6 +308,28 @@ def baseline_psnr(holdout: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def say(line: str) -> None:
+    """A progress line on the worker's stdout, once.
+
+    Not print(): Ray Train replaces print in its workers with a logger call that also tees to
+    the redirected stdout, and every line reached the terminal twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_train() -> None:
+    """Ray worker setup hook of `deblur train`: silence Ray Train's placement-group monitor.
+
+    It polls the state API every second to see whether the train controller died; without
+    Ray's dashboard (local Ray here starts without it) that API does not answer and the
+    monitor printed a warning a second on the user's terminal. Its errors still show. Also
+    Ray Train's INFO line per ``ray.train.report``, which repeats the whole metrics dict that
+    the progress lines already show."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -416,12 +439,11 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         elif storage.exists(metrics_uri):
             metrics = [json.loads(line) for line in storage.get(metrics_uri).decode().splitlines()
                        if line.strip() and json.loads(line)["step"] <= start]
-        print(f"train: {config.model} on {device.type}, {ctx.world} worker(s) x batch "
+        say(f"train: {config.model} on {device.type}, {ctx.world} worker(s) x batch "
               f"{config.batch}, crop {config.crop}, {len(train_pairs)} training images, "
               f"{len(held)} held out; steps {start}/{config.steps}"
               + (f" (resumed from {start})" if start else "")
-              + (f"; held-out PSNR of the blurry input {base_psnr:.2f} dB" if held else ""),
-              flush=True)
+              + (f"; held-out PSNR of the blurry input {base_psnr:.2f} dB" if held else ""))
 
     # Resumed: best.safetensors may hold a step past the checkpoint (a kill in between); it
     # stays unless this run beats the best that the kept metrics record.
@@ -448,9 +470,9 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             elapsed = time.monotonic() - window_t
             rate = window_n / elapsed if elapsed > 0 else float("nan")
             eta = (config.steps - done) / rate if rate > 0 else float("nan")
-            print(f"step {done}/{config.steps}  loss {window_loss / window_n:.4f}  "
+            say(f"step {done}/{config.steps}  loss {window_loss / window_n:.4f}  "
                   f"lr {scheduler.get_last_lr()[0]:.2e}  {rate:.2f} steps/s  "
-                  f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}", flush=True)
+                  f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}")
             window_loss, window_n, window_t = 0.0, 0, time.monotonic()
         if done % config.eval_every == 0 or done % config.checkpoint_every == 0 or last:
             record: dict[str, Any] = {"step": done, "loss": float(loss.detach()),
@@ -464,8 +486,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
                 if holdout and (done % config.eval_every == 0 or last):
                     record["holdout_psnr"] = evaluate(model, holdout, device)
                     record["holdout_blurry_psnr"] = base_psnr
-                    print(f"step {done}: held-out PSNR {record['holdout_psnr']:.2f} dB "
-                          f"(blurry input {base_psnr:.2f} dB)", flush=True)
+                    say(f"step {done}: held-out PSNR {record['holdout_psnr']:.2f} dB "
+                          f"(blurry input {base_psnr:.2f} dB)")
                     # A short or noisy run can peak before its last step (and a long one
                     # overfit): keep the best weights as well as the last.
                     if best is None or record["holdout_psnr"] > best["holdout_psnr"]:
@@ -493,11 +515,11 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         psnr = metrics[-1].get("holdout_psnr") if metrics else None
         storage.put(final_uri, final_weights(model, weights_metadata(
             config, done, psnr, base_psnr if holdout else None, device, ctx.world)))
-        print(f"train: {'stopped at the time limit' if stopped else 'done'} at step {done}; "
-              f"weights: {final_uri}", flush=True)
+        say(f"train: {'stopped at the time limit' if stopped else 'done'} at step {done}; "
+              f"weights: {final_uri}")
         if best is not None:
-            print(f"train: best held-out PSNR {best['holdout_psnr']:.2f} dB at step "
-                  f"{best['step']}: {_join(config.out, BEST_NAME)}", flush=True)
+            say(f"train: best held-out PSNR {best['holdout_psnr']:.2f} dB at step "
+                  f"{best['step']}: {_join(config.out, BEST_NAME)}")
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -573,12 +595,13 @@ def _fit(config: TrainConfig) -> None:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
+        runtime_env = {"worker_process_setup_hook": "deblur.train.trainer.quiet_ray_train"}
         if config.address:
-            ray.init(address=config.address, log_to_driver=True)
+            ray.init(address=config.address, log_to_driver=True, runtime_env=runtime_env)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil(config.workers * config.cpus_per_worker))
             ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
+                     log_to_driver=True, configure_logging=False, runtime_env=runtime_env)
     resources = {"CPU": config.cpus_per_worker}
     if config.gpus_per_worker > 0:
         resources["GPU"] = config.gpus_per_worker

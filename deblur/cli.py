@@ -810,6 +810,10 @@ def train(
     threads: Annotated[int | None, typer.Option(help="torch threads per worker.")] = None,
     crop: Annotated[int, typer.Option(help="Training crop size (multiple of 4).")] = 256,
     batch: Annotated[int, typer.Option(help="Crops per worker per step.")] = 4,
+    rotate: Annotated[bool, typer.Option(
+        help="Random 90-degree turns besides the flip.")] = True,
+    min_scale: Annotated[float, typer.Option(
+        help="--synthetic: random rescale floor (1: off).")] = 1.0,
     lr: Annotated[float, typer.Option(help="Adam learning rate (the authors: 1e-4).")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Data and initialisation seed.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
@@ -832,7 +836,8 @@ def train(
     _guard(_train, dict(
         out=out, data=data, synthetic=synthetic, init=init, model=model, steps=steps,
         workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-        threads=threads, crop=crop, batch=batch, lr=lr, seed=seed,
+        threads=threads, crop=crop, batch=batch, rotate=rotate, min_scale=min_scale, lr=lr,
+        seed=seed,
         checkpoint_every=checkpoint_every, eval_every=eval_every, eval_size=eval_size,
         log_every=log_every, holdout=holdout, time_limit_s=None if time_limit is None else time_limit * 60,
         loader_workers=loader_workers, address=address,

@@ -112,6 +112,51 @@ def test_samples_depend_only_on_seed_and_index() -> None:
     assert list(RankSampler(1, 2, 4, 0, 1)) == one[4:]  # resuming at step 1 skips step 0
 
 
+def _position_image(size: int = 200) -> np.ndarray:
+    """Red = row, green = column: a crop's gradients tell its orientation and scale."""
+    ys, xs = np.indices((size, size))
+    return np.stack([ys, xs, np.full_like(ys, 128)], axis=2).astype(np.uint8)
+
+
+def _orientation(crop: torch.Tensor) -> tuple[int, ...]:
+    """Signs of d(red)/d(row), d(red)/d(col), d(green)/d(row), d(green)/d(col)."""
+    red, green = crop[0] * 255, crop[1] * 255
+    return tuple(int(np.sign(round(float(g), 3))) for g in (
+        (red[1:] - red[:-1]).mean(), (red[:, 1:] - red[:, :-1]).mean(),
+        (green[1:] - green[:-1]).mean(), (green[:, 1:] - green[:, :-1]).mean()))
+
+
+def test_rotation_gives_all_eight_orientations_to_both_images_alike() -> None:
+    sharp = _position_image()
+    blurry = np.clip(sharp.astype(int) + 1, 0, 255).astype(np.uint8)  # aligned, not equal
+    pairs = [Pair("p", sharp, blurry)]
+    turned = PairDataset(pairs, crop=32, seed=4, rotate=True)
+    seen = set()
+    for i in range(64):
+        b, s = turned[i]
+        assert torch.allclose(b * 255 - s * 255, torch.ones_like(b), atol=1e-3)
+        seen.add(_orientation(s))
+    assert len(seen) == 8
+    flipped_only = {_orientation(PairDataset(pairs, crop=32, seed=4)[i][1]) for i in range(64)}
+    assert len(flipped_only) == 2  # the authors' horizontal flip alone
+
+
+def test_min_scale_shows_synthetic_crops_at_smaller_scales() -> None:
+    pairs = [Pair("p", _position_image())]
+
+    def steps(data: PairDataset) -> list[float]:  # green's change per pixel along the row
+        out = []
+        for i in range(24):
+            green = data[i][1][1] * 255
+            out.append(max(abs(float((green[:, 1:] - green[:, :-1]).mean())),
+                           abs(float((green[1:] - green[:-1]).mean()))))
+        return out
+
+    assert max(steps(PairDataset(pairs, crop=32, seed=2))) == pytest.approx(1.0, abs=0.05)
+    scaled = steps(PairDataset(pairs, crop=32, seed=2, min_scale=0.5))
+    assert max(scaled) > 1.5 and min(scaled) >= 0.95  # down to half size, never enlarged
+
+
 def test_paired_manifest_crops_both_alike(tmp_path: Path) -> None:
     from PIL import Image
 

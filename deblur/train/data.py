@@ -13,6 +13,7 @@ samples one process with batch N x B sees.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,9 +95,11 @@ class PairDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Sample ``index`` -> (blurry, sharp) float32 C x crop x crop tensors in 0..1."""
 
     def __init__(self, pairs: list[Pair], crop: int, seed: int,
-                 blur: BlurConfig | None = None) -> None:
+                 blur: BlurConfig | None = None, rotate: bool = False,
+                 min_scale: float = 1.0) -> None:
         self.pairs, self.crop, self.seed = pairs, crop, seed
         self.blur = blur if blur is not None else BlurConfig()
+        self.rotate, self.min_scale = rotate, min_scale
 
     def __len__(self) -> int:  # indices are unbounded; Dataset needs a length only for repr
         return 2 ** 62
@@ -110,6 +113,9 @@ class PairDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             blurry, sharp = self._synthetic(rng, pair.sharp)
         if rng.random() < 0.5:  # the authors' augmentation: a random horizontal flip
             blurry, sharp = blurry[:, ::-1], sharp[:, ::-1]
+        if self.rotate:  # with the flip, all 8 orientations: a small set looks 8x larger
+            k = int(rng.integers(4))
+            blurry, sharp = np.rot90(blurry, k), np.rot90(sharp, k)
         return _tensor(blurry), _tensor(sharp)
 
     def _crop_pair(self, rng: np.random.Generator, blurry: np.ndarray, sharp: np.ndarray
@@ -130,6 +136,8 @@ class PairDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         # interior: the blurry crop sees real neighbouring pixels, never a padded border.
         margin = max_margin(self.blur)
         c, span = self.crop, self.crop + 2 * margin
+        if self.min_scale < 1.0:
+            sharp = self._rescaled(rng, sharp, span)
         h, w = sharp.shape[:2]
         if h < span or w < span:
             pad = ((0, max(0, span - h)), (0, max(0, span - w)), (0, 0))
@@ -147,6 +155,21 @@ class PairDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                            kernel, valid=True)
         return degrade(blurred, rng, self.blur), sharp[y + margin:y + margin + c,
                                                        x + margin:x + margin + c]
+
+
+    def _rescaled(self, rng: np.random.Generator, sharp: np.ndarray, span: int) -> np.ndarray:
+        """A random window of ``sharp`` shown at a random scale in [min_scale, 1]: the same
+        photograph yields other textures and edge widths, and downscaling (antialiased)
+        sharpens what the camera left soft. Only for synthetic blur: the blur is made after."""
+        from PIL import Image
+
+        scale = float(rng.uniform(self.min_scale, 1.0))
+        h, w = sharp.shape[:2]
+        side = min(h, w, int(math.ceil(span / scale)))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        target = max(span, round(side * scale))
+        window = Image.fromarray(np.ascontiguousarray(sharp[y:y + side, x:x + side]))
+        return np.asarray(window.resize((target, target), Image.BICUBIC, reducing_gap=None))
 
 
 def _tensor(pixels: np.ndarray) -> torch.Tensor:

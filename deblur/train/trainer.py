@@ -69,6 +69,12 @@ class TrainConfig:
     batch: int = 4
     """Samples per worker per step (the authors: 4)."""
     crop: int = 256
+    rotate: bool = True
+    """Random 90-degree rotations on top of the authors' horizontal flip (all 8 orientations:
+    blurry and sharp turn together, so the blur turns with the image)."""
+    min_scale: float = 1.0
+    """--synthetic: show each sharp crop at a random scale in [min_scale, 1] before blurring
+    (1: off). More textures from few photographs."""
     lr: float = 1e-4
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -114,6 +120,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be "
                                   f"at least 1")
+        if not 0.1 <= self.min_scale <= 1.0:
+            raise ConfigError(f"--min-scale {self.min_scale}: must be within 0.1..1 (1: off)")
         if not 0 < self.lr < 1:
             raise ConfigError(f"--lr {self.lr}: must be within (0, 1)")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
@@ -142,7 +150,8 @@ class TrainConfig:
         """What a resumed run must share with the run that wrote OUT."""
         return {"model": self.model, "steps": self.steps, "batch": self.batch,
                 "workers": self.workers, "crop": self.crop, "seed": self.seed,
-                "data": self.data, "synthetic": self.synthetic}
+                "data": self.data, "synthetic": self.synthetic, "rotate": self.rotate,
+                "min_scale": self.min_scale}
 
 
 def milestones(steps: int) -> list[int]:
@@ -420,7 +429,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
 
     pairs = load_images(config.data or config.synthetic or "", paired=config.data is not None)
     train_pairs, held = split_holdout(pairs, config.holdout)
-    dataset = PairDataset(train_pairs, config.crop, config.seed, config.blur)
+    dataset = PairDataset(train_pairs, config.crop, config.seed, config.blur,
+                          rotate=config.rotate, min_scale=config.min_scale)
     sampler = RankSampler(start, config.steps, config.batch, ctx.rank, ctx.world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch, sampler=sampler,
                                          num_workers=config.loader_workers,

@@ -6,7 +6,8 @@
 #   2. `deblur train --synthetic` on them (camera shake made on the fly, deblur/train/blur.py);
 #   3. bench/train_eval.py: PSNR/SSIM on scikit-image's photographs (never trained on).
 # Everything goes under build/train-demo/ (git-ignored); the wallpapers are not committed.
-# What weights/ was made with (2 CPU cores; weights/README.md has the two stages):
+# What weights/ was made with (2 CPU cores; weights/README.md has the two stages, the first
+# of which ran before --rotate and the Lomiri photographs existed):
 #   MINUTES=95 bash scripts/train_demo_weights.sh
 #   RUN=build/train-demo/run2 INIT=build/train-demo/run/checkpoints/step-00001500.pt \
 #     STEPS=2400 LR=2e-4 MIN_SCALE=0.5 MINUTES=55 bash scripts/train_demo_weights.sh

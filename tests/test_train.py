@@ -384,14 +384,14 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # -- the shipped checkpoint -----------------------------------------------------------------
 
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "mimo-unet-synthetic.safetensors"
-SHIPPED_MIN_GAIN_DB = 0.2
+SHIPPED_MIN_GAIN_DB = 0.5  # measured +1.02 dB on these 4 scenes (weights of 2026-11-26)
 """Under the +0.66 dB the demo measures (8 scenes): the check is trained vs untrained (0 dB)."""
 
 
 def test_shipped_checkpoint_loads_in_the_job_path_and_deblurs(tmp_path: Path) -> None:
     """weights/ holds a trained network, not random weights: through the job's loader and
     Deblurrer it raises PSNR on the demo's scenes (`deblur samples`, what it is shipped for;
-    weights/README.md has its figures on photographs, where it does not yet gain)."""
+    weights/README.md has its figures on photographs)."""
     from PIL import Image
     from safetensors import safe_open
 

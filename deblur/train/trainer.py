@@ -336,7 +336,11 @@ def quiet_ray_train() -> None:
     the progress lines already show."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
                       ).setLevel(logging.ERROR)
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    try:  # that module names its logger by its file path, not its module name
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: its INFO line shows, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -390,6 +394,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
 
     config = TrainConfig.from_dict(config_dict)
     ctx = _context()
+    if ctx.ray:  # again here: Ray Train sets its workers' log levels after the setup hook ran
+        quiet_ray_train()
     if config.threads:
         torch.set_num_threads(config.threads)
     if ctx.ray:

@@ -327,6 +327,7 @@ def test_data_checkpoints_and_weights_in_s3(sharp_folder: str, s3_bucket: str) -
     (["DATA", "OUT", "--synthetic", "SRC"], "exactly one of DATA"),
     (["--synthetic", "SRC", "OUT", "--crop", "30"], "--crop 30: must be a multiple of 4"),
     (["--synthetic", "SRC", "OUT", "--model", "mimo-unet-plusplus"], "train mimo-unet-plus"),
+    (["--synthetic", "SRC", "OUT", "--min-scale", "0.05"], "--min-scale 0.05: must be within"),
 ])
 def test_bad_options_fail_before_anything_starts(args: list[str], message: str,
                                                  tmp_path: Path) -> None:

@@ -947,7 +947,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.backends.cudnn.benchmark = True for every row")
     parser.add_argument("--out", help="also write the table and header as JSON here")
     parser.add_argument("--device-hours-row", action="store_true",
-                        help="print the THROUGHPUT entry for deblur/job/estimate.py (printed "
+                        help="print the THROUGHPUT entry for pipeline/deblur/job/estimate.py (printed "
                              "only; that file is not edited)")
     parser.add_argument("--check-cuda-rows-on-cpu", action="store_true",
                         help="developer aid: without CUDA, run the bf16/fp16/compile/precision "
@@ -982,7 +982,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["worker.cpus_per_worker"] = float(os.cpu_count() or 1)
     base = config_mod.load(args.config, overrides)
     if "compile" in fields and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        # The engine's own cache (deblur/run/inference.py), for the compile row too: graphs the
+        # The engine's own cache (pipeline/deblur/run/inference.py), for the compile row too: graphs the
         # rows share are compiled once, and the Ray actor reads them from disk.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = getattr(
             base.model, "compile_cache_dir", None) or str(
@@ -1032,7 +1032,7 @@ def main(argv: list[str] | None = None) -> None:
         table.device_hours = device_hours_row(bench, table)
         table.write()
         print()
-        print("# THROUGHPUT entry for deblur/job/estimate.py (printed only, not written):")
+        print("# THROUGHPUT entry for pipeline/deblur/job/estimate.py (printed only, not written):")
         print(table.device_hours)
     if args.out:
         print(f"\n# JSON: {args.out}")

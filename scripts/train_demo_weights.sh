@@ -3,7 +3,7 @@
 #   1. sharp photographs from four Debian wallpaper packages (apt-get download: the .deb files
 #      only, nothing is installed; needs `apt-get update` done once), downscaled to 768 px
 #      on the long side, plus 12 procedural scenes of `deblur samples` (seed 1: not the demo's);
-#   2. `deblur train --synthetic` on them (camera shake made on the fly, deblur/train/blur.py);
+#   2. `deblur train --synthetic` on them (camera shake made on the fly, pipeline/deblur/train/blur.py);
 #   3. bench/train_eval.py: PSNR/SSIM on scikit-image's photographs (never trained on).
 # Everything goes under build/train-demo/ (git-ignored); the wallpapers are not committed.
 # What weights/ was made with (2 CPU cores; weights/README.md has the two stages, the first

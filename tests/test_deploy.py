@@ -640,7 +640,7 @@ def test_fullname_override_names_every_resource() -> None:
     "workers.volumes[0].name=dshm",                     # the chart's own volume
     "head.rayStartParams.num-cpus=4",                   # ray start flags are strings
     "fullnameOverride=Not_A_Name",
-    "job.config.batch.max_batch=eight",                 # types come from deblur/config.py
+    "job.config.batch.max_batch=eight",                 # types come from pipeline/deblur/config.py
     "job.config.model.precison=fp16",
 ])
 def test_values_schema_rejects_bad_pod_settings_and_config(bad: str) -> None:

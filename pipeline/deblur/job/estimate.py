@@ -43,7 +43,7 @@ THROUGHPUT: dict[tuple[str, str], tuple[float, str]] = {
 }
 
 # Planning, one process: rows per second, peak RSS and its growth past the fixed buffers of
-# deblur/job/dedup.py, and local disk per row (spool + digests), each where it was measured.
+# pipeline/deblur/job/dedup.py, and local disk per row (spool + digests), each where it was measured.
 PLANNING_ROWS_PER_S = 345_000
 PLANNING_PEAK_MIB = 360.0  # at PLANNING_MEASURED_ROWS
 PLANNING_MEASURED_ROWS = 10_000_000
@@ -118,7 +118,7 @@ def throughput(gpu_type: str, model: str) -> tuple[float, str]:
         raise ConfigError(f"--gpu-type {gpu_type!r}: no measured throughput for {model} on it; "
                           f"measured: {', '.join(known) or 'none'} (GPU figures remain to be "
                           f"measured with bench/gpu.py and added to THROUGHPUT in "
-                          f"deblur/job/estimate.py)")
+                          f"pipeline/deblur/job/estimate.py)")
     return figure
 
 
@@ -283,7 +283,7 @@ def _planning(report: PlanReport, planner: Any, tasks: int = 0) -> None:
     """Which path planning takes (this plan took the one-process path) and what it costs at
     the measured rates (not this plan's own time: a report is the same each time). With
     ``tasks``, a run plans the files as that many Ray tasks at once,
-    each file twice (deblur/job/parallel.py): expected time from the one-process rate."""
+    each file twice (pipeline/deblur/job/parallel.py): expected time from the one-process rate."""
     rows = report.rows
     files = planner.source_files
     source = (f"{files} manifest file{'s' if files != 1 else ''} streamed by ranged GETs"

@@ -32,7 +32,7 @@ OUTPUT_FORMATS = ("same", "jpeg", "png", "webp")
 CODEC_BACKENDS = ("auto", "pillow", "nvjpeg")
 RETRY_MODES = ("standard", "adaptive", "legacy")
 MODEL_NAMES = ("mimo-unet", "mimo-unet-plus", "mimo-unet-plusplus")
-"""The registry's names (deblur/model MODELS; a test keeps the two equal), here so a config
+"""The registry's names (pipeline/deblur/model MODELS; a test keeps the two equal), here so a config
 is checked without importing torch."""
 
 
@@ -340,7 +340,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """Per-image quality figures (deblur/observe/quality.py)."""
+    """Per-image quality figures (pipeline/deblur/observe/quality.py)."""
 
     sharpness_sample_rate: float = 1.0
     """Share of images that get sharpness figures (deterministic by row); 0 turns them off."""

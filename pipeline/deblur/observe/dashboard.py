@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-OUTPUT = Path(__file__).resolve().parents[2] / "helm" / "deblur" / "files" / \
+OUTPUT = Path(__file__).resolve().parents[3] / "helm" / "deblur" / "files" / \
     "deblur-dashboard.json"
 JOB = 'job_id=~"$job_id"'
 # Long enough to see a job's whole history between resumes; DeblurDriverLost looks as far back.

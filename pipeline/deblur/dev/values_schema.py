@@ -1,9 +1,9 @@
-"""Generate the ``job.config`` part of the Helm chart's values schema from deblur/config.py.
+"""Generate the ``job.config`` part of the Helm chart's values schema from pipeline/deblur/config.py.
 
 Helm validates values against ``helm/deblur/values.schema.json`` at ``helm install`` /
 ``helm template``, so a typo in ``job.config`` (``batch.max_bach``) or a wrong type fails there,
 naming the key, instead of inside the driver after the cluster started. The schema is derived
-from the same dataclasses deblur's own loader uses (deblur/config.py ``from_dict``), so the two
+from the same dataclasses deblur's own loader uses (pipeline/deblur/config.py ``from_dict``), so the two
 cannot drift; tests/test_deploy.py checks the committed file is what this prints.
 
     python -m deblur.dev.values_schema          # rewrite helm/deblur/values.schema.json
@@ -22,7 +22,7 @@ from typing import Any
 
 from deblur.config import JobConfig
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "helm" / "deblur" / "values.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "helm" / "deblur" / "values.schema.json"
 
 # What the chart itself needs on top of deblur's types: the templates read these keys, and
 # max_workers is derived from the worker group (the chart computes --max-workers).
@@ -73,7 +73,7 @@ def job_config_schema() -> dict[str, Any]:
     """The schema of ``job.config``: every JobConfig key and type, unknown keys refused."""
     schema = _merge(_object_schema(JobConfig), _CHART_RULES)
     return {"description": "deblur job config (configs/*.yaml layout), generated from "
-                           "deblur/config.py by `python -m deblur.dev.values_schema`",
+                           "pipeline/deblur/config.py by `python -m deblur.dev.values_schema`",
             **schema}
 
 

@@ -22,6 +22,7 @@ import typer
 
 # light: no torch, ray or pyarrow at import
 from deblur.config import MODEL_NAMES, OUTPUT_FORMATS, PRECISIONS
+from deblur.console import printable
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_STOPPED, EXIT_RUNTIME = 0, 1, 2, 3, 4
 
@@ -34,7 +35,7 @@ def _version(value: bool) -> None:
     if value:
         from deblur import __version__
 
-        typer.echo(f"deblur {__version__}")
+        _say(f"deblur {__version__}")
         raise typer.Exit(EXIT_OK)
 
 
@@ -48,8 +49,15 @@ def _root(version: Annotated[bool, typer.Option(
     convention (README.md, "Configuration")."""
 
 
+def _say(text: str = "", *, err: bool = False) -> None:
+    """A line for the person: keys and messages come from users' data, so control characters
+    are shown escaped (``console.printable``), never sent to the terminal. JSON output goes
+    through ``typer.echo`` as it is."""
+    typer.echo(printable(text), err=err)
+
+
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    _say(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -219,7 +227,7 @@ class _Output:
 
     def info(self, text: str) -> None:
         """A line for the person: stdout, or stderr when stdout carries the JSON."""
-        typer.echo(text, err=self.as_json)
+        _say(text, err=self.as_json)
 
 
 def _output(quiet: bool, verbose: bool, log_level: str | None, as_json: bool) -> _Output:
@@ -260,7 +268,7 @@ def _keep_log(ledger: Any, path: str) -> None:
         ledger.write_log(f"driver-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log",
                          Path(path).read_text(encoding="utf-8", errors="replace"))
     except (OSError, PipelineError) as exc:
-        typer.echo(f"note: the log stays at {path} (not copied to the job root: {exc})",
+        _say(f"note: the log stays at {path} (not copied to the job root: {exc})",
                    err=True)
 
 
@@ -288,7 +296,7 @@ def _run_job(job: Any, *, resume: bool, out: _Output, job_id: str | None = None,
     shards = sorted(set(ledger.shard_ids()) - ledger.done_shards())
     out.info(f"job root: {ledger.job_root}")
     if job.model.random_weights:
-        typer.echo("warning: --random-weights: the model is untrained, outputs are NOT "
+        _say("warning: --random-weights: the model is untrained, outputs are NOT "
                    "deblurred (smoke test only)", err=True)
     outcome = _execute(run_config, ledger, shards, status.pending, out)
     return _report(outcome, ledger, out)
@@ -347,28 +355,31 @@ def _submit(job: Any, address: str, *, job_id: str | None, resume: bool,
     extra = submit_mod.load_runtime_env(runtime_env)
     _check_weights_here(job)
     if not os.environ.get("RAY_AUTH_TOKEN") and os.environ.get("RAY_AUTH_MODE") != "token":
-        typer.echo("note: no RAY_AUTH_TOKEN (nor RAY_AUTH_MODE=token with ~/.ray/auth_token): "
+        _say("note: no RAY_AUTH_TOKEN (nor RAY_AUTH_MODE=token with ~/.ray/auth_token): "
                    "only a cluster without token auth accepts this, and such a dashboard must "
                    "never be reachable beyond a private network (docs/deploy.md)", err=True)
     sub = submit_mod.submit(job, address, job_id=job_id, resume=resume, runtime_env=extra)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(sub)))
     else:
-        typer.echo(f"submitted: {sub.submission_id}")
-        typer.echo(f"job root: {sub.job_root}")
-        typer.echo(f"logs: ray job logs --address {sub.address} -f {sub.submission_id}; "
+        _say(f"submitted: {sub.submission_id}")
+        _say(f"job root: {sub.job_root}")
+        _say(f"logs: ray job logs --address {sub.address} -f {sub.submission_id}; "
                    f"progress: deblur status {sub.job_root}")
     if not follow:
         return EXIT_OK
     try:
         status, exit_code = submit_mod.follow(address, sub.submission_id,
-                                              lambda text: typer.echo(text, nl=False))
+                                              lambda text: typer.echo(
+                                                  printable(text, keep_newlines=True),
+                                                  nl=False))
     except KeyboardInterrupt:
-        typer.echo(f"\nstopped following; the job keeps running on the cluster. "
+        _say(err=True)
+        _say(f"stopped following; the job keeps running on the cluster. "
                    f"`deblur cancel {sub.job_root}` stops it after the shards in flight.",
                    err=True)
         return EXIT_STOPPED
-    typer.echo(f"{sub.submission_id}: {status}"
+    _say(f"{sub.submission_id}: {status}"
                + (f" (exit code {exit_code})" if exit_code is not None else ""), err=True)
     if status == "SUCCEEDED":
         return EXIT_OK
@@ -392,7 +403,7 @@ def _check_weights_here(job: Any) -> None:
     except WeightsError as exc:
         if not isinstance(exc.__cause__, (StorageError, OSError)):  # read, not judged
             raise
-        typer.echo(f"note: the weights cannot be read from here ({exc}); the driver checks "
+        _say(f"note: the weights cannot be read from here ({exc}); the driver checks "
                    f"them on the cluster before its workers start", err=True)
 
 
@@ -458,20 +469,20 @@ def _report(outcome: Any, ledger: Any, out: _Output | None = None) -> int:
             **status.to_dict(), "images_per_s": rate, "seconds": seconds,
             "log": out.log_path}, default=str))
     else:
-        typer.echo("")
-        typer.echo(f"done: {status.ok} ok, {status.failed} failed, {status.pending} pending "
+        _say("")
+        _say(f"done: {status.ok} ok, {status.failed} failed, {status.pending} pending "
                    f"of {status.total}")
-        typer.echo(f"  throughput: {_rate(rate)} (while workers ran); wall time "
+        _say(f"  throughput: {_rate(rate)} (while workers ran); wall time "
                    f"{hms(seconds)}")
-        typer.echo(f"  job root:   {outcome.job_root}")
+        _say(f"  job root:   {outcome.job_root}")
         if out.log_path:
-            typer.echo(f"  log:        {out.log_path}")
+            _say(f"  log:        {out.log_path}")
     for reason, count in sorted(status.failures_by_reason.items()):
-        typer.echo(f"  failed {reason}: {count}", err=True)
+        _say(f"  failed {reason}: {count}", err=True)
     if status.failed:
         _name_failures(ledger, status.failed)
     if stopped:
-        typer.echo(f"stopped early: `deblur rerun {outcome.job_root}` finishes the job",
+        _say(f"stopped early: `deblur rerun {outcome.job_root}` finishes the job",
                    err=True)
     return code
 
@@ -489,12 +500,12 @@ def _name_failures(ledger: Any, failed: int) -> None:
     shown = 0
     try:
         for row in itertools.islice(ledger.failed_rows(), SHOWN_FAILURES):
-            typer.echo(failure_line(row), err=True)
+            _say(failure_line(row), err=True)
             shown += 1
     except PipelineError as exc:  # the counts above stand; the names are a convenience
-        typer.echo(f"(could not list the failed images: {exc})", err=True)
+        _say(f"(could not list the failed images: {exc})", err=True)
     if failed > shown:
-        typer.echo(f"… and {failed - shown} more: deblur status {ledger.job_root} --failed",
+        _say(f"… and {failed - shown} more: deblur status {ledger.job_root} --failed",
                    err=True)
 
 
@@ -528,7 +539,10 @@ def _failed_rows(job_root: str, reason: str | None, as_json: bool) -> None:
 
     ledger = Ledger.open_recorded(job_root)
     for row in ledger.failed_rows(reason):
-        typer.echo(json.dumps(row, default=str) if as_json else failure_line(row))
+        if as_json:  # the exact strings (JSON escapes control characters itself)
+            typer.echo(json.dumps(row, default=str))
+        else:
+            _say(failure_line(row))
 
 
 def _status(job_root: str, as_json: bool) -> None:
@@ -547,38 +561,38 @@ def _status(job_root: str, as_json: bool) -> None:
                               indent=2, default=str))
         return
     model = ledger.job().get("model") or {}
-    typer.echo(f"job {ledger.job_root}")
-    typer.echo(f"  state: {state}" + (f": {error}" if error else ""))
-    typer.echo(f"  model: {model.get('name') or ledger.config().model.name}, "
+    _say(f"job {ledger.job_root}")
+    _say(f"  state: {state}" + (f": {error}" if error else ""))
+    _say(f"  model: {model.get('name') or ledger.config().model.name}, "
                + ("RANDOM weights (outputs are NOT deblurred)" if model.get("random_weights")
                   else f"weights {model.get('weights')} (sha256 "
                        f"{(model.get('weights_sha256') or '?')[:12]})"))
-    typer.echo(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "
+    _say(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "
                f"{data['pending']} pending")
-    typer.echo(f"  shards: {data['shards_done']}/{data['shards_total']} done")
+    _say(f"  shards: {data['shards_done']}/{data['shards_total']} done")
     # One throughput, the one the run's summary and the report show (run_throughput).
-    typer.echo(f"  throughput: {_rate(rate)}, last run (images per second of wall time "
+    _say(f"  throughput: {_rate(rate)}, last run (images per second of wall time "
                f"while workers ran)")
     for reason, count in sorted(data.get("failures_by_reason", {}).items()):
-        typer.echo(f"  failed {reason}: {count}")
+        _say(f"  failed {reason}: {count}")
     if snapshot:
         fill = snapshot.get("mean_batch_fill")
-        typer.echo(f"  last run: mean batch {snapshot.get('mean_batch_size') or 0:.1f} images"
+        _say(f"  last run: mean batch {snapshot.get('mean_batch_size') or 0:.1f} images"
                    + (f" ({fill:.0%} filled)" if fill else "")
                    + f", {snapshot['storage_retries']} storage retries, "
                    f"{snapshot['retries']} shard retries")
         if snapshot.get("workers_pending"):
-            typer.echo(f"  workers: {snapshot.get('workers_active', 0)} active, "
+            _say(f"  workers: {snapshot.get('workers_active', 0)} active, "
                        f"{snapshot['workers_pending']} pending"
                        + (f" (waiting for {snapshot['waiting_for']})"
                           if snapshot.get("waiting_for") else ""))
     if summary and summary.get("latency_ms"):
         for stage, figures in summary["latency_ms"].items():
-            typer.echo(f"  {stage}: p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f}"
+            _say(f"  {stage}: p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f}"
                        f" ms, p99 {figures['p99_ms']:.1f} ms")
     if summary and summary.get("quality"):
         quality = summary["quality"]
-        typer.echo("  quality: " + ", ".join(f"{k} {_number(v)}" for k, v in quality.items()
+        _say("  quality: " + ", ".join(f"{k} {_number(v)}" for k, v in quality.items()
                                               if isinstance(v, (int, float))))
 
 
@@ -604,11 +618,11 @@ def _cancel(job_root: str) -> None:
     ledger.request_cancel()
     lease = ledger.live_lease()
     if lease is not None:
-        typer.echo(f"cancel requested for {job_root}; its live driver {lease.describe()} "
+        _say(f"cancel requested for {job_root}; its live driver {lease.describe()} "
                    f"stops dispatching within seconds and exits once the shards in flight "
                    f"finish")
     else:
-        typer.echo(f"cancel requested for {job_root}; no live driver holds it now: "
+        _say(f"cancel requested for {job_root}; no live driver holds it now: "
                    f"`deblur rerun {job_root}` clears the request and finishes the job")
 
 
@@ -632,13 +646,13 @@ def _report_page(job_root: str, out: str | None, open_page: bool, samples: int) 
 
     ledger = Ledger.open_recorded(job_root)
     stored = write_report(ledger, out, samples)
-    typer.echo(f"report: {stored}" + (f" and {out}" if out else ""))
+    _say(f"report: {stored}" + (f" and {out}" if out else ""))
     if open_page:
         import webbrowser
 
         local = out if out and not is_s3(out) else (None if is_s3(stored) else stored)
         if local is None:
-            typer.echo("--open needs a local copy: add --out report.html", err=True)
+            _say("--open needs a local copy: add --out report.html", err=True)
         else:
             webbrowser.open(Path(local).resolve().as_uri())
 
@@ -673,22 +687,28 @@ def _list(destination: str, as_json: bool) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name in ("JOB ID", "CREATED", "STATE", "OK", "FAILED", "PENDING", "DESTINATION"):
         numeric = name in ("OK", "FAILED", "PENDING")
         table.add_column(name, justify="right" if numeric else "left",
                          no_wrap=name != "DESTINATION", overflow="fold")
+    def cell(value: Any) -> Text:  # escaped, and never read as rich markup
+        return Text(printable(value))
+
     for job in jobs:
         created = job.get("created_at")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-"
         if "corrupt" in job:
-            table.add_row(job["job_id"], when, "corrupt", "-", "-", "-", job["job_root"])
+            table.add_row(cell(job["job_id"]), when, "corrupt", "-", "-", "-",
+                          cell(job["job_root"]))
             continue
-        table.add_row(job["job_id"], when, job["state"], str(job["ok"]), str(job["failed"]),
-                      str(job["pending"]), str(job.get("destination") or ""))
+        table.add_row(cell(job["job_id"]), when, cell(job["state"]), str(job["ok"]),
+                      str(job["failed"]), str(job["pending"]),
+                      cell(job.get("destination") or ""))
     if not jobs:
-        typer.echo(f"no jobs under {destination}")
+        _say(f"no jobs under {destination}")
         return
     # stdout as it is now (a test runner swaps it); no colour codes when it is not a TTY.
     Console(file=sys.stdout, highlight=False).print(table)
@@ -708,7 +728,7 @@ def _manifest(prefix: str, out: str) -> None:
     from deblur.io.storage import get_storage
 
     count = write_listing(prefix, out, get_storage())
-    typer.echo(f"wrote {count} keys to {out}")
+    _say(f"wrote {count} keys to {out}")
 
 
 @app.command(short_help="Make blurry sample images for a demo.")
@@ -720,7 +740,7 @@ def samples(
     from deblur.dev.samples import reference_folder, write_samples
 
     paths = write_samples(folder, count=count)
-    typer.echo(f"wrote {len(paths)} blurry sample images to {folder} "
+    _say(f"wrote {len(paths)} blurry sample images to {folder} "
                f"(sharp references in {reference_folder(folder)})")
 
 
@@ -782,7 +802,7 @@ def _plan(job: Any, *, gpus: int, gpu_type: str, sample: int, seed: int, out: Pa
     report = plan_mod.estimate(job, get_storage(job.storage), gpus=gpus, gpu_type=gpu_type,
                                sample_size=sample, seed=seed)
     data = json.dumps(report.to_dict(), indent=2)
-    typer.echo(data if as_json else plan_mod.render(report))
+    typer.echo(data if as_json else printable(plan_mod.render(report), keep_newlines=True))
     if out is not None:
         out.write_text(data + "\n")
 
@@ -849,7 +869,7 @@ def _train(options: dict[str, Any]) -> None:
 
     last = run_training(TrainConfig(**options))
     if "holdout_psnr" in last:
-        typer.echo(f"held-out PSNR {last['holdout_blurry_psnr']:.2f} -> "
+        _say(f"held-out PSNR {last['holdout_blurry_psnr']:.2f} -> "
                    f"{last['holdout_psnr']:.2f} dB at step {last['step']}")
 
 

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -23,6 +24,42 @@ REFRESH_S = 0.5
 (model loading, a slow first batch), so the rate and ETA never look frozen."""
 RATE_WINDOW_S = 60.0
 """The images/s shown is over this last stretch, so it follows the job's current pace."""
+
+
+def printable(text: object, *, keep_newlines: bool = False) -> str:
+    """``text`` as a person may see it: every character that could drive a terminal or
+    reorder what is shown is written as a visible escape (``\\x1b``, ``\\u202e``).
+
+    Keys and messages come from users' data, and a terminal acts on what it is sent: ESC and
+    C1 controls (CSI is U+009B) start sequences that retitle the window or rewrite the screen,
+    CR and BEL move the cursor or ring, bidi overrides and isolates (U+202A-202E,
+    U+2066-2069) and other format characters (zero-width, U+FEFF) reorder or hide text, and
+    line separators forge lines. So everything ``str.isprintable`` refuses is escaped, except
+    the ordinary spaces (category Zs). ``keep_newlines``: a block of lines (a rendered report,
+    a traceback) keeps its ``\\n``s; each line is escaped. Every human-facing output uses
+    this (the CLI's lines, log lines, the HTML report); ``--json`` keeps the exact strings
+    (JSON escapes them itself)."""
+    text = str(text)
+    if text.isprintable():  # the usual case, at C speed
+        return text
+    if keep_newlines:
+        return "\n".join(printable(line) for line in text.split("\n"))
+    return "".join(c if c.isprintable() or unicodedata.category(c) == "Zs"
+                   else repr(c)[1:-1] for c in text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """A log formatter whose lines carry no raw control character (``printable``): the
+    message is one line whatever it quotes; a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return printable(super().formatException(ei), keep_newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return printable(super().formatStack(stack_info), keep_newlines=True)
 
 
 def hms(seconds: float | None) -> str:
@@ -172,7 +209,7 @@ class _Terminal(logging.Handler):
     def __init__(self, verbose: bool) -> None:
         super().__init__()
         self.verbose = verbose
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.verbose:
@@ -279,7 +316,7 @@ def attach_job_log(path: str) -> logging.Handler:
     """Send every record (those before, buffered, too) to ``path``, appended."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
-    handler.setFormatter(logging.Formatter(
+    handler.setFormatter(PrintableFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     _FILE.attach(handler)
     return handler

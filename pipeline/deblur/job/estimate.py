@@ -20,6 +20,7 @@ from typing import Any
 
 from deblur.io import codec
 from deblur.config import JobConfig
+from deblur.console import printable
 from deblur.errors import ConfigError, ImageError, ManifestError, StorageError
 from deblur.job.manifest import is_manifest, plan_rows
 from deblur.job.parallel import parallel_files
@@ -312,8 +313,7 @@ def _planning(report: PlanReport, planner: Any, tasks: int = 0) -> None:
 
 def _printable(text: str) -> str:
     """The planner quotes keys with repr(); this also bounds the length and escapes the rest."""
-    text = text[:EXAMPLE_CHARS] + ("…" if len(text) > EXAMPLE_CHARS else "")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(text[:EXAMPLE_CHARS] + ("…" if len(text) > EXAMPLE_CHARS else ""))
 
 
 def _ops_since(storage: Storage, before: dict[str, int]) -> dict[str, int]:

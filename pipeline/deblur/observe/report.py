@@ -2,7 +2,8 @@
 
 No external assets and no JavaScript: images are inline base64 JPEG/PNG, histograms inline SVG,
 so the file can be mailed, attached to a ticket or opened from object storage. Every string from
-the data (keys, error messages, config) is HTML-escaped: keys are user input and may be hostile.
+the data (keys, error messages, config) goes through ``_text``: control characters shown
+escaped (``console.printable``), then HTML-escaped: keys are user input and may be hostile.
 
 Sections (each an element with a stable id, which the tests look for): summary, failures,
 quality (with ``evaluation``: PSNR/SSIM tables, when rows had references), samples, config;
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from deblur.console import printable
 from deblur.job.ledger import run_throughput
 from deblur.observe.qa import QASample, write_pairs
 
@@ -84,7 +86,7 @@ class Histogram:
             f' width="{bar - 1:.1f}" height="{c / top * plot_h:.1f}" '
             f'fill="#4472c4"><title>{c}</title></rect>'
             for i, c in enumerate(self.counts))
-        e = html.escape(label)
+        e = _text(label)
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
                 f'role="img" aria-label="{e} histogram">{bars}'
                 f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="#333"/>'
@@ -103,11 +105,17 @@ class Histogram:
                 f'{e} (n={self.n})</text></svg>')
 
 
+def _text(value: Any, *, keep_newlines: bool = False) -> str:
+    """A string from the data, safe in the page: no raw control or bidi character (a page is
+    also read with `less` and `cat`), then HTML-escaped (quotes too: attribute values)."""
+    return html.escape(printable(value, keep_newlines=keep_newlines))
+
+
 def _img(data: bytes | None, alt: str, kind: str = "jpeg") -> str:
     if data is None:
         return '<div class="missing">no image</div>'
     encoded = base64.b64encode(data).decode()
-    return f'<img src="data:image/{kind};base64,{encoded}" alt="{html.escape(alt)}">'
+    return f'<img src="data:image/{kind};base64,{encoded}" alt="{_text(alt)}">'
 
 
 def _evaluation(hists: dict[str, Histogram], picks: list[dict[str, Any]]) -> str:
@@ -127,7 +135,7 @@ def _evaluation(hists: dict[str, Histogram], picks: list[dict[str, Any]]) -> str
     worst = sorted((p for p in picks if p["status"] == "ok" and p.get("psnr") is not None),
                    key=lambda p: p["psnr"])
     worst_rows = "".join(
-        f"<tr><td><code>{html.escape(p['key'])}</code></td><td>{_fmt(p['psnr'], 2)}</td>"
+        f"<tr><td><code>{_text(p['key'])}</code></td><td>{_fmt(p['psnr'], 2)}</td>"
         f"<td>{_fmt(p.get('ssim'), 4)}</td><td>{_fmt(p.get('sharpness_ratio'), 2)}</td></tr>"
         for p in worst)
     return (f'<div id="evaluation"><h3>Against the references</h3><table>{head}{rows}</table>'
@@ -140,7 +148,7 @@ def _evaluation(hists: dict[str, Histogram], picks: list[dict[str, Any]]) -> str
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
+    return f"{value:.{digits}f}" if isinstance(value, float) else _text(value)
 
 
 def build(ledger: Any, samples_per_group: int = 4, seed: int | None = None,
@@ -163,7 +171,7 @@ def build(ledger: Any, samples_per_group: int = 4, seed: int | None = None,
 
 def _page(job: dict[str, Any], status: Any, hists: dict[str, Histogram],
           picks: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
-    e = html.escape
+    e = _text
     model = job.get("model") or {}
     run = (summary or {}).get("run") or {}
     # job.json's model info (deblur.model.weights.provenance) says what actually ran; the
@@ -232,10 +240,10 @@ def _page(job: dict[str, Any], status: Any, hists: dict[str, Histogram],
                      f'<div class="meta"><code>{e(p["key"])}</code><br>{e(figures)}'
                      f'{"<br>" + e(p["note"]) if p.get("note") else ""}</div></div>')
     samples_html = "".join(cards) or "<p>No ok images to show.</p>"
-    config_json = e(json.dumps({"job_id": job["job_id"], "source": job["source"],
-                                "destination": job["destination"], "plan": job.get("plan"),
-                                "model": model, "config": job["config"]}, indent=2,
-                               default=str))
+    config_json = _text(json.dumps({"job_id": job["job_id"], "source": job["source"],
+                                    "destination": job["destination"], "plan": job.get("plan"),
+                                    "model": model, "config": job["config"]}, indent=2,
+                                   default=str), keep_newlines=True)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>deblur report {e(job["job_id"])}</title>

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from deblur.io import codec
+from deblur.io.codec_choice import make_codec
 from deblur.observe import quality
 from deblur.observe.gpu import device_utilization
 from deblur.run.engine import Engine
@@ -198,9 +199,8 @@ class ShardProcessor:
         self.encode_slots = threading.BoundedSemaphore(config.worker.prefetch + threads)
         # ... and in bytes, so a few huge images cannot take what 32 small ones would not.
         self.buffer = ByteBudget(config.worker.max_buffered_bytes or auto_buffer_bytes())
-        # Pillow in-process or in a process pool, or nvJPEG on the GPU (io/codec.py make_codec).
-        self.codec = codec.make_codec(config.codec, config.model.device,
-                                      config.worker.cpus_per_worker)
+        # Pillow in-process or in a process pool, or nvJPEG on the GPU (io/codec_choice.py).
+        self.codec = make_codec(config.codec, config.model.device, config.worker.cpus_per_worker)
         self.engine: Engine[Item] = Engine(infer, config, self._on_output, self._on_infer_error,
                                            infer_tiled=infer_tiled,
                                            on_abort=self._on_engine_abort,
@@ -472,7 +472,7 @@ def describe_failure(key: str, exc: BaseException) -> tuple[str, str]:
 def build_processor(config: JobConfig, worker_id: str) -> ShardProcessor:
     """Load the model once and wrap it in a processor (the actor's constructor body)."""
     from deblur.run.inference import Deblurrer
-    from deblur.model import load_model
+    from deblur.model.weights import load_model
 
     deblurrer = Deblurrer(load_model(config.model), config.model)
     if deblurrer.device.type == "cpu":
@@ -507,8 +507,12 @@ class WorkerActor:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from deblur.config import from_dict
+        from deblur.console import PrintableFormatter
 
-        logging.basicConfig(level=logging.INFO)
+        # Keys in log lines are shown escaped: with -v these lines reach the terminal.
+        handler = logging.StreamHandler()
+        handler.setFormatter(PrintableFormatter(logging.BASIC_FORMAT))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         self.start_error: WorkerStartError | None = None
         try:
             self.processor = build_processor(from_dict(config), worker_name())

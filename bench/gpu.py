@@ -64,7 +64,8 @@ from deblur import config as config_mod
 from deblur.config import JobConfig, ModelConfig
 from deblur.dev.samples import make_scene, motion_blur
 from deblur.io import codec
-from deblur.model import STRIDE, create_model, load_model
+from deblur.model import STRIDE, create_model
+from deblur.model.weights import load_model
 from deblur.run.inference import Deblurrer, pick_dtype, reflect_pad, round_up
 
 ROWS = ("model", "compile", "deblurrer", "worker", "ray", "authors", "codec", "plus",
@@ -550,7 +551,8 @@ def _bench_actor(record_dir: str, height: int, width: int, warm: bool) -> Any:
 def row_ray(bench: Bench, table: Table) -> None:
     import ray
 
-    from deblur.run.driver import execute, start_ray
+    from deblur.cluster import start_ray
+    from deblur.run.driver import execute
 
     bench.drop_engine()  # the actor needs the GPU memory this process holds
     job, _, ledger = _plan(bench, "ray")

@@ -37,7 +37,8 @@ import numpy as np
 from deblur.io import codec
 from deblur import config as config_mod
 from deblur.dev.samples import make_scene, motion_blur
-from deblur.run.driver import execute, open_or_plan, start_ray
+from deblur.cluster import start_ray
+from deblur.run.driver import execute, open_or_plan
 from deblur.io.storage import Storage, get_storage
 from deblur.run.worker import ShardProcessor, WorkerActor, worker_name
 
@@ -93,7 +94,7 @@ def plain_loop(storage: Storage, uris: list[str], out_prefix: str, threads: int,
 
 def model_only(uris: list[str], storage: Storage, job: config_mod.JobConfig) -> float:
     from deblur.run.inference import Deblurrer
-    from deblur.model import load_model
+    from deblur.model.weights import load_model
 
     images = [codec.decode(storage.get(u), u, job.codec).pixels for u in uris]
     deblurrer = Deblurrer(load_model(job.model), job.model)

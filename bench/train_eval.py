@@ -44,7 +44,7 @@ def held_out_set(seed: int = SEED) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def evaluate(weights: str, model: str = "mimo-unet", seed: int = SEED,
              device: str = "cpu") -> dict[str, object]:
     from deblur.config import ModelConfig
-    from deblur.model import load_model
+    from deblur.model.weights import load_model
     from deblur.observe.quality import psnr, ssim
     from deblur.run.inference import Deblurrer
 

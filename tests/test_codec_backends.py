@@ -30,7 +30,8 @@ from deblur import config as config_mod
 from deblur.config import CodecConfig
 from deblur.errors import ConfigError, ImageError
 from deblur.io import codec
-from deblur.io.codec import DecodedImage, PillowCodec, PillowProcessCodec, make_codec
+from deblur.io.codec import DecodedImage, PillowCodec, PillowProcessCodec
+from deblur.io.codec_choice import make_codec, pool_processes
 from deblur.io.nvjpeg import Coalescer, NvJpegCodec, orient, with_metadata
 from deblur.io.storage import Storage
 from deblur.run.worker import ShardProcessor
@@ -171,12 +172,12 @@ def test_codec_settings_load_from_yaml(tmp_path: Path) -> None:
 def test_pool_size_rule(processes: int | None, cuda: bool, cpus: float, expected: int,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert codec.pool_processes(CodecConfig(processes=processes), cuda, cpus) == expected
+    assert pool_processes(CodecConfig(processes=processes), cuda, cpus) == expected
 
 
 def test_auto_pool_never_exceeds_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert codec.pool_processes(CFG, True, 16.0) == 3
+    assert pool_processes(CFG, True, 16.0) == 3
 
 
 class _ImportRecorder(importlib.abc.MetaPathFinder):
@@ -207,10 +208,10 @@ def test_cpu_selects_pillow_without_importing_torchvision(
         device: str, reason: str, torchvision_imports: _ImportRecorder,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.INFO, logger="deblur.io.codec"):
+    with caplog.at_level(logging.INFO, logger="deblur.io.codec_choice"):
         chosen = make_codec(CFG, device, 16.0)
     assert isinstance(chosen, PillowCodec)  # auto: a CPU model keeps its cores, no pool
-    lines = [r.getMessage() for r in caplog.records if r.name == "deblur.io.codec"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "deblur.io.codec_choice"]
     assert len(lines) == 1 and "pillow in-process" in lines[0] and reason in lines[0], lines
     assert torchvision_imports.attempts == [] and "torchvision" not in sys.modules
 
@@ -219,11 +220,11 @@ def test_cuda_without_torchvision_falls_back_with_the_reason(
         torchvision_imports: _ImportRecorder, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with caplog.at_level(logging.INFO, logger="deblur.io.codec"):
+    with caplog.at_level(logging.INFO, logger="deblur.io.codec_choice"):
         chosen = make_codec(CodecConfig(processes=0), "auto", 8.0)
     assert isinstance(chosen, PillowCodec)
     assert torchvision_imports.attempts, "with CUDA, nvJPEG should have been tried"
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "deblur.io.codec"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "deblur.io.codec_choice"]
     assert "torchvision is not installed" in line and "docs/deploy.md" in line
     with pytest.raises(ConfigError, match="codec.backend=nvjpeg"):
         make_codec(CodecConfig(processes=0, backend="nvjpeg"), "auto", 8.0)

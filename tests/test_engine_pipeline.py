@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deblur.config import ModelConfig
-from deblur.model import load_model
+from deblur.model.weights import load_model
 from deblur.run.engine import Engine
 from deblur.run.inference import Deblurrer
 from tests.conftest import noise

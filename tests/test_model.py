@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from deblur.config import ModelConfig
 from deblur.errors import ConfigError, ModelError, WeightsError
-from deblur.model import MODELS, create_model, load_model
+from deblur.model import MODELS, create_model
 from deblur.model.mimo_unet import SelfEnsemble
-from deblur.model.weights import load_weights, provenance
+from deblur.model.weights import load_model, load_weights, provenance
 
 C = 32
 

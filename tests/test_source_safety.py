@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from deblur.errors import ConfigError
 from deblur.io.storage import Storage, is_s3, join, parse_s3
 from deblur.job.ledger import Ledger
 from deblur.job.manifest import plan_rows, write_listing
+from deblur.run.driver import open_or_plan
 from deblur.run.worker import ShardProcessor
 from tests.conftest import CountingStorage, identity, image_bytes, job_config, noise, unsharp
 
@@ -298,14 +300,21 @@ def test_destination_inside_source_is_a_config_error_before_any_write(root: str)
     src = join(root, "src")
     storage.put(join(src, "a.png"), png(1))
     for dest in [join(src, "out"), join(src, "x/../out"), src + "//out"]:
+        # The planner's rule (config stays below job/): before the model, Ray or any write.
         with pytest.raises(ConfigError, match=r"destination .* is inside source .*src"):
-            job_config(src, dest)
+            open_or_plan(job_config(src, dest), storage, resume=False)
         with pytest.raises(ConfigError, match="is inside source"):
             _rows(src, dest, storage)
         with pytest.raises(ConfigError, match="is inside source"):
             Ledger.create(storage, JobConfig(source=src, destination=dest,
                                              job_root=join(root, "job")),
                           job_id="t", model_info={})
+    if not is_s3(root):  # the command: one line, exit 2, Ray never started
+        from deblur.cli import app
+
+        result = CliRunner().invoke(app, ["run", src, join(src, "out"), "--random-weights"])
+        assert result.exit_code == 2 and "is inside source" in result.output, result.output
+        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     assert [i.key for i in storage.list(root)] == ["src/a.png"]
     job_config(src, src)  # in place is checked per row, not here
     job_config(join(root, "m.txt"), join(root, "out"))  # a manifest's folder is no source

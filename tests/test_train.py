@@ -219,7 +219,8 @@ def test_checkpoint_runs_in_the_job_path_like_the_trained_model(sharp_folder: st
     from safetensors import safe_open
 
     from deblur.config import ModelConfig
-    from deblur.model import create_model, load_model
+    from deblur.model import create_model
+    from deblur.model.weights import load_model
     from deblur.run.inference import Deblurrer
 
     out = tmp_path / "run"
@@ -398,8 +399,7 @@ def test_shipped_checkpoint_loads_in_the_job_path_and_deblurs(tmp_path: Path) ->
 
     from deblur.config import ModelConfig
     from deblur.dev.samples import reference_folder, write_samples
-    from deblur.model import load_model
-    from deblur.model.weights import provenance
+    from deblur.model.weights import load_model, provenance
     from deblur.observe.quality import psnr
     from deblur.run.inference import Deblurrer
 

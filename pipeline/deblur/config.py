@@ -353,6 +353,103 @@ class QualityConfig:
                               f"must be within 0..1")
 
 
+SCENE_RASTERISERS = ("auto", "torch", "gsplat")
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """DeblurGS scene fits (``--model deblurgs``). Defaults follow the paper, which keeps the
+    3DGS schedule (Kerbl et al. 2023) and adds the camera motion and Gaussian Densification
+    Annealing; a CPU run wants far fewer steps (docs/benchmarks.md)."""
+
+    steps: int = 30_000
+    """Optimisation steps per scene (one view's blurry render per step)."""
+    subframes: int = 10
+    """Poses sampled along each view's exposure; the blurry render is their renders' mean."""
+    min_views: int = 3
+    """A scene with fewer views is failed (too_few_views): one view gives no parallax."""
+    resolution_scale: float = 1.0
+    """Views are fitted at this fraction of their size (0.25: a quarter of each side); the
+    sharp outputs are rendered at the full size."""
+    ssim_lambda: float = 0.2
+    """Loss = (1 - lambda) L1 + lambda D-SSIM, as 3DGS and DeblurGS."""
+    densify_from: int = 500
+    """First step that may densify: before it only Gaussians and camera motion move."""
+    densify_until: int = 15_000
+    """Last step that may densify."""
+    densify_every: int = 100
+    """Steps between densification (clone, split, prune) passes."""
+    densify_grad_start: float = 0.002
+    """Gaussian Densification Annealing: the screen-space gradient a Gaussian needs to be
+    cloned or split starts this high, while the camera motion is still wrong, ..."""
+    densify_grad_end: float = 0.0002
+    """... and decays log-linearly to this (3DGS's threshold) by ``densify_anneal_until``."""
+    densify_anneal_until: int = 7_500
+    """Step at which the threshold reaches ``densify_grad_end``."""
+    opacity_reset_every: int = 3_000
+    """Steps between opacity resets (0: never), as 3DGS."""
+    prune_opacity: float = 0.005
+    """Gaussians below this opacity are removed at densification."""
+    max_gaussians: int = 1_000_000
+    """No densification beyond this many Gaussians (bounds memory on small devices)."""
+    lr_means: float = 1.6e-4
+    """Mean learning rate, times the scene's extent; decays exponentially ..."""
+    lr_means_final: float = 1.6e-6
+    """... to this at the last step."""
+    lr_scales: float = 0.005
+    """Log-scale learning rate."""
+    lr_quats: float = 0.001
+    """Rotation learning rate."""
+    lr_opacity: float = 0.05
+    """Opacity-logit learning rate."""
+    lr_colour: float = 0.0025
+    """Colour (SH degree 0) learning rate."""
+    lr_pose: float = 1e-3
+    """Camera motion (start and end twists) learning rate; decays exponentially ..."""
+    lr_pose_final: float = 1e-5
+    """... to this at the last step."""
+    rasteriser: str = "auto"
+    """auto (gsplat on CUDA when installed, ours otherwise), torch (ours), gsplat."""
+    seed: int = 0
+    """Seeds the view order and the initial motion, so a scene's fit is reproducible."""
+
+    def validate(self) -> None:
+        positive = {"steps": self.steps, "subframes": self.subframes,
+                    "densify_every": self.densify_every, "max_gaussians": self.max_gaussians}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"scene.{name}={value}: must be >= 1")
+        if self.min_views < 2:
+            raise ConfigError(f"scene.min_views={self.min_views}: must be >= 2 (one view "
+                              "gives no parallax)")
+        if not 0 < self.resolution_scale <= 1:
+            raise ConfigError(f"scene.resolution_scale={self.resolution_scale}: must be in "
+                              "(0, 1]")
+        if not 0 <= self.ssim_lambda <= 1:
+            raise ConfigError(f"scene.ssim_lambda={self.ssim_lambda}: must be in [0, 1]")
+        if not 0 <= self.densify_from <= self.densify_until:
+            raise ConfigError(f"scene.densify_from={self.densify_from} must be >= 0 and <= "
+                              f"scene.densify_until={self.densify_until}")
+        if not 0 < self.densify_grad_end <= self.densify_grad_start:
+            raise ConfigError(f"scene.densify_grad_end={self.densify_grad_end} must be > 0 "
+                              f"and <= scene.densify_grad_start={self.densify_grad_start}")
+        if self.opacity_reset_every < 0:
+            raise ConfigError(f"scene.opacity_reset_every={self.opacity_reset_every}: must be "
+                              ">= 0 (0: never)")
+        if not 0 <= self.prune_opacity < 1:
+            raise ConfigError(f"scene.prune_opacity={self.prune_opacity}: must be in [0, 1)")
+        rates = {"lr_means": self.lr_means, "lr_means_final": self.lr_means_final,
+                 "lr_scales": self.lr_scales, "lr_quats": self.lr_quats,
+                 "lr_opacity": self.lr_opacity, "lr_colour": self.lr_colour,
+                 "lr_pose": self.lr_pose, "lr_pose_final": self.lr_pose_final}
+        for name, value in rates.items():
+            if not value > 0:
+                raise ConfigError(f"scene.{name}={value}: must be > 0")
+        if self.rasteriser not in SCENE_RASTERISERS:
+            raise ConfigError(f"scene.rasteriser={self.rasteriser!r}: choose one of "
+                              f"{', '.join(SCENE_RASTERISERS)}")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Everything one job needs; stored in job.json for provenance and reruns."""
@@ -387,6 +484,7 @@ class JobConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    scene: SceneConfig = field(default_factory=SceneConfig)
 
     def validate(self) -> JobConfig:
         if self.shard_size < 1:
@@ -397,11 +495,8 @@ class JobConfig:
         if any(not p for p in self.allow_prefixes):
             raise ConfigError("allow_prefixes: an empty prefix would allow everything; name a "
                               "bucket/prefix or folder")
-        from deblur.job.manifest import check_destination  # imported here: it needs pyarrow
-
-        check_destination(self.source, self.destination)
         for section in (self.model, self.codec, self.storage, self.batch, self.worker,
-                        self.scheduler, self.metrics, self.quality):
+                        self.scheduler, self.metrics, self.quality, self.scene):
             section.validate()
         # Rules across sections: each would otherwise fail on every worker after Ray started.
         if self.codec.backend == "nvjpeg" and self.model.device == "cpu":

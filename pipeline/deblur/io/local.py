@@ -27,7 +27,7 @@ from deblur.errors import (
     NotFoundError,
     StorageError,
 )
-from deblur.io.storage import Count, ObjectInfo, has_suffix, to_local_path
+from deblur.io.backend import Count, ObjectInfo, has_suffix, to_local_path
 
 TMP_MARK = ".deblur-tmp-"
 """Temporary local files carry this in their name; listings skip them."""

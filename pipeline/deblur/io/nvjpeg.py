@@ -19,8 +19,13 @@ quality), and its output need not carry a JFIF segment (Pillow's says 1:1, no de
 Concurrent callers (the worker's fetch and upload threads) are coalesced into batched nvJPEG
 calls (``Coalescer``), which is where nvJPEG gets its throughput.
 
+With ``keep_on_device`` (set by the worker when its engine takes device tensors) a decoded
+image's pixels stay on the GPU as an H x W x 3 uint8 tensor, and ``encode`` takes such a
+tensor as it comes out of the engine: from nvJPEG decode through the network to nvJPEG
+encode only compressed bytes cross the bus. Pillow's fallbacks still get and give numpy.
+
 torchvision is an optional extra (``deblur[gpu]``): it is imported in ``NvJpegCodec`` only,
-and ``codec.make_codec`` builds one only when CUDA is available.
+and ``codec_choice.make_codec`` builds one only when CUDA is available.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ import torch
 from PIL import Image
 
 from deblur.config import CodecConfig
-from deblur.io.codec import (Codec, DecodedImage, _upright_exif, decode, open_header,
-                             output_format, upright_metadata)
+from deblur.io.codec import (Codec, DecodedImage, _upright_exif, decode, host_pixels,
+                             open_header, output_format, upright_metadata)
 
 log = logging.getLogger("deblur.io.nvjpeg")
 
@@ -210,12 +215,17 @@ class NvJpegCodec:
         # decodes from waiting for encodes).
         self._streams = ({what: torch.cuda.Stream(self.device) for what in ("decode", "encode")}
                          if self.device.type == "cuda" else {})
-        self._decoder: Coalescer[tuple[bytes, bool, Image.Transpose | None], np.ndarray] = (
-            Coalescer(self._decode_batch, max_batch))
-        self._encoder: Coalescer[np.ndarray, bytes] = Coalescer(self._encode_batch, max_batch)
+        self._decoder: Coalescer[tuple[bytes, bool, Image.Transpose | None],
+                                 np.ndarray | torch.Tensor] = Coalescer(self._decode_batch,
+                                                                        max_batch)
+        self._encoder: Coalescer[np.ndarray | torch.Tensor, bytes] = Coalescer(
+            self._encode_batch, max_batch)
         self._lock = threading.Lock()
         self.fallbacks = {"decode": 0, "encode": 0}
         """Images nvJPEG failed on and Pillow handled instead (not counting routed formats)."""
+        self.keep_on_device = False
+        """Decoded JPEG pixels stay on ``device`` as torch tensors instead of coming back as
+        numpy (the worker sets it when its engine takes them: ``ShardProcessor``)."""
         self._self_test()
         self.name = f"nvjpeg on {self.device} for JPEG, {fallback.name} for the rest"
 
@@ -239,7 +249,7 @@ class NvJpegCodec:
         grey = img.mode == "L"
         try:
             pixels = self._decoder((data, grey, method))
-            if pixels.shape != (height, width, 3):
+            if tuple(pixels.shape) != (height, width, 3):
                 raise RuntimeError(f"nvJPEG gave {pixels.shape[1]}x{pixels.shape[0]} pixels "
                                    f"for a {width}x{height} image")
         except Exception as exc:  # noqa: BLE001 - any nvJPEG failure: Pillow decides
@@ -249,19 +259,23 @@ class NvJpegCodec:
                             height=height, alpha=None, grey=grey,
                             icc_profile=img.info.get("icc_profile"), exif=exif)
 
-    def encode(self, image: DecodedImage, pixels: np.ndarray) -> bytes:
+    def encode(self, image: DecodedImage, pixels: np.ndarray | torch.Tensor) -> bytes:
+        """``pixels``: numpy, or (``keep_on_device``) the engine's uint8 tensor output."""
+        uint8 = (pixels.dtype == torch.uint8 if isinstance(pixels, torch.Tensor)
+                 else pixels.dtype == np.uint8)
         if (output_format(image.source_format, self.config) != "jpeg" or image.grey
-                or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3):
-            return self.fallback.encode(image, pixels)
+                or not uint8 or pixels.ndim != 3 or pixels.shape[2] != 3):
+            return self.fallback.encode(image, host_pixels(pixels))
         exif = _upright_exif(image.exif) if image.exif else b""  # what Pillow would write
         if len(exif) > MAX_BYTES_IN_MARKER:
-            return self.fallback.encode(image, pixels)  # Pillow refuses it, with its message
+            # Pillow refuses it, with its message.
+            return self.fallback.encode(image, host_pixels(pixels))
         try:
             data = self._encoder(pixels)
             return with_metadata(data, exif, image.icc_profile)
         except Exception as exc:  # noqa: BLE001
             self._fell_back("encode", f"{image.width}x{image.height} image", exc)
-            return self.fallback.encode(image, pixels)
+            return self.fallback.encode(image, host_pixels(pixels))
 
     def close(self) -> None:
         self.fallback.close()
@@ -273,8 +287,10 @@ class NvJpegCodec:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _decode_batch(self, jobs: list[tuple[bytes, bool, Image.Transpose | None]]
-                      ) -> list[np.ndarray | Exception]:
-        out: list[np.ndarray | Exception] = [RuntimeError("not decoded")] * len(jobs)
+                      ) -> list[np.ndarray | torch.Tensor | Exception]:
+        out: list[np.ndarray | torch.Tensor | Exception] = (
+            [RuntimeError("not decoded")] * len(jobs))
+        keep = self.keep_on_device
         with self._on_stream("decode"):
             for grey in (False, True):  # one read mode per nvJPEG call
                 index = [i for i, job in enumerate(jobs) if job[1] == grey]
@@ -301,14 +317,21 @@ class NvJpegCodec:
                     hwc = orient(chw, jobs[i][2]).permute(1, 2, 0)
                     if grey:
                         hwc = hwc.expand(-1, -1, 3)
-                    # The engine takes numpy on the host today. Next step: hand the device
-                    # tensor to the engine and skip this copy and the engine's upload.
-                    out[i] = hwc.contiguous().cpu().numpy()
+                    # Kept: the engine packs it into its batch on the device (no host bounce).
+                    out[i] = hwc.contiguous() if keep else hwc.contiguous().cpu().numpy()
+            stream = self._streams.get("decode")
+            if keep and stream is not None:
+                # The engine reads these on its own stream: they must be complete first (the
+                # numpy path's .cpu() waited for the same thing).
+                stream.synchronize()
         return out
 
-    def _encode_batch(self, images: list[np.ndarray]) -> list[bytes | Exception]:
+    def _encode_batch(self, images: list[np.ndarray | torch.Tensor]) -> list[bytes | Exception]:
         with self._on_stream("encode"):
-            tensors = [torch.from_numpy(img if img.flags.writeable else img.copy())
+            # An engine output on the device is complete (its batch was collected) and is read
+            # here in place: the one CHW copy below is device-side.
+            tensors = [(img if isinstance(img, torch.Tensor) else
+                        torch.from_numpy(img if img.flags.writeable else img.copy()))
                        .to(self.device).permute(2, 0, 1).contiguous() for img in images]
             if self.device.type == "cuda":  # nvJPEG encodes on a stream of its own
                 torch.cuda.current_stream(self.device).synchronize()

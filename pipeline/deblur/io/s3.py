@@ -37,7 +37,7 @@ from deblur.errors import (
     StoreUnavailableError,
     ThrottledError,
 )
-from deblur.io.storage import Count, ObjectInfo, as_folder, has_suffix, parse_s3
+from deblur.io.backend import Count, ObjectInfo, as_folder, has_suffix, parse_s3
 
 # The facade's logger, not this module's: retry warnings have always been
 # "deblur.io.storage" records, and log filters and tests select them by that name.

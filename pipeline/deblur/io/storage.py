@@ -4,10 +4,11 @@
 put_if_match / list / head / exists / delete on full URIs. It counts every request by S3 class (``ops``) and hands the call to the
 backend the URI's scheme picks: ``deblur.io.s3`` (boto3, botocore retries, typed errors, no
 credential in any message) or ``deblur.io.local`` (atomic writes by rename, exclusive
-put-if-absent by hard link). Both implement ``Backend`` below and raise the typed errors of
-``deblur.errors``, each naming the URI.
+put-if-absent by hard link). Both implement ``Backend`` (``io/backend.py``) and raise the
+typed errors of ``deblur.errors``, each naming the URI.
 
-The URI helpers live here too, so callers and both backends spell URIs one way.
+The URI helpers of ``io/backend.py`` are re-exported here, so callers and both backends spell
+URIs one way.
 """
 
 from __future__ import annotations
@@ -18,15 +19,21 @@ import contextvars
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any
 
 from deblur.config import StorageConfig
-from deblur.errors import NotFoundError, StorageError
+from deblur.errors import NotFoundError
+# The URI helpers and listing type are part of this module's interface (callers import them
+# from here); they live in io/backend.py so that both backends can use them too.
+from deblur.io.backend import (Backend, Count, ObjectInfo, as_folder, has_suffix, is_s3, join,
+                               parse_s3, to_local_path)
+from deblur.io.local import LocalBackend
 
 if TYPE_CHECKING:
     from deblur.io.s3 import S3Backend
+
+__all__ = ["Backend", "Count", "ObjectInfo", "Storage", "as_folder", "get_storage", "has_suffix",
+           "is_s3", "join", "parse_s3", "retries_counted_by", "to_local_path"]
 
 
 # Who else hears of a retried request made in this context: botocore retries in the caller's
@@ -47,90 +54,6 @@ def retries_counted_by(sink: Callable[[], None]) -> Iterator[None]:
         _RETRY_SINK.reset(token)
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One listed object: its full URI, the key relative to the listed prefix, size, mtime."""
-
-    uri: str
-    key: str
-    size: int
-    mtime: float
-    etag: str | None = None
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def parse_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> ("bucket", "a/b"); refuses a URI without a bucket."""
-    if not is_s3(uri):
-        raise StorageError(f"{uri!r} is not an s3:// URI", uri)
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri!r} names no bucket: write s3://BUCKET/PREFIX", uri)
-    return bucket, key
-
-
-def to_local_path(uri: str) -> str:
-    """``file:///a/b`` or ``/a/b`` -> ``/a/b`` (percent-escapes decoded for file://)."""
-    if uri.startswith("file://"):
-        return unquote(uri[7:])
-    return uri
-
-
-def join(prefix: str, relative: str) -> str:
-    """Join a relative key under a prefix with exactly one slash between them."""
-    if not prefix:
-        return relative
-    return prefix.rstrip("/") + "/" + relative.lstrip("/")
-
-
-def as_folder(prefix: str) -> str:
-    """A prefix meant as a folder, with one trailing slash (``s3://b`` stays ``s3://b/``)."""
-    return prefix if prefix.endswith("/") else prefix + "/"
-
-
-def has_suffix(name: str, suffixes: tuple[str, ...] | None) -> bool:
-    """Whether a listed name ends in one of ``suffixes`` (given lower-case); None keeps all.
-
-    Backends filter while listing rather than the facade afterwards: the local walk then
-    stats only the files it keeps.
-    """
-    return suffixes is None or name.lower().endswith(suffixes)
-
-
-Count = Callable[[str, int], None]
-"""``count(op, n)``: how a backend reports requests the facade cannot see from outside, which
-are the further pages of a listing (the facade counts one request per call itself)."""
-
-
-class Backend(Protocol):
-    """One kind of store. Every method takes the caller's full URI and raises the typed
-    ``StorageError`` subclasses naming it; ``Storage`` documents what each one does."""
-
-    def get(self, uri: str) -> bytes: ...
-
-    def get_range(self, uri: str, length: int, start: int) -> bytes: ...
-
-    def put(self, uri: str, data: bytes, content_type: str | None) -> str | None: ...
-
-    def put_if_absent(self, uri: str, data: bytes) -> str | None: ...
-
-    def put_if_match(self, uri: str, data: bytes, tag: str) -> str | None: ...
-
-    def get_tagged(self, uri: str) -> tuple[bytes, str | None]: ...
-
-    def list(self, prefix: str, suffixes: tuple[str, ...] | None) -> Iterator[ObjectInfo]:
-        """``suffixes`` are lower-case (see ``has_suffix``); each page after the first is
-        reported through the backend's ``Count`` as one more LIST."""
-        ...
-
-    def head(self, uri: str) -> ObjectInfo: ...
-
-    def delete(self, uri: str) -> None: ...
-
-
 class Storage:
     """get / put / put_if_absent / list / head / exists / delete over S3 and local files.
 
@@ -139,9 +62,6 @@ class Storage:
     """
 
     def __init__(self, config: StorageConfig | None = None) -> None:
-        # Imported here, not at the top: both backends import this module's types.
-        from deblur.io.local import LocalBackend
-
         self.config = config or StorageConfig()
         self._lock = threading.Lock()
         self.retries = 0

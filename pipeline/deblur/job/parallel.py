@@ -64,7 +64,7 @@ def plan_in_tasks(config: JobConfig, storage: Storage, files: list[str],
     """Plan ``files`` (a Parquet dataset, in name order) as Ray tasks; returns the counts."""
     import ray
 
-    from deblur.run.driver import start_ray
+    from deblur.cluster import start_ray
 
     start_ray(config)
     base, literal, rows = _layout(config, storage, files)

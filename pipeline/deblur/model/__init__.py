@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from deblur.errors import ModelError
 from deblur.model.mimo_unet import MIMOUNet, MIMOUNetConfig, SelfEnsemble
-
-if TYPE_CHECKING:
-    from deblur.config import ModelConfig
 
 STRIDE = 4
 """H and W of a network input must be multiples of this (two stride-2 stages)."""
@@ -46,14 +42,3 @@ def create_model(name: str) -> nn.Module:
     except KeyError:
         raise ModelError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}") from None
     return factory().eval()
-
-
-def load_model(config: ModelConfig) -> nn.Module:
-    """The configured network with its weights (or random ones, only when asked for)."""
-    from deblur.model.weights import load_weights
-
-    model = create_model(config.name)
-    if not config.random_weights:
-        assert config.weights, "ModelConfig.validate() requires weights or random_weights"
-        load_weights(model, config.weights, config.name)
-    return model

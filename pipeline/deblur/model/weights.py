@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from deblur.errors import StorageError, WeightsError
+from deblur.model import MODELS, create_model
 
 if TYPE_CHECKING:
     from deblur.config import ModelConfig
@@ -189,8 +190,6 @@ def provenance(config: ModelConfig) -> dict[str, Any]:
     every worker. The file is read once per process (``fetch``: hashed as it streams, tensors
     memory-mapped from it), so the weights are never held twice.
     """
-    from deblur.model import MODELS, create_model
-
     if config.name not in MODELS:
         create_model(config.name)  # raises the ModelError naming the valid ones
     if config.random_weights:
@@ -208,6 +207,15 @@ def provenance(config: ModelConfig) -> dict[str, Any]:
     del model, state_dict
     return {"name": config.name, "weights": uri, "weights_sha256": digest,
             "random_weights": False}
+
+
+def load_model(config: ModelConfig) -> nn.Module:
+    """The configured network with its weights (or random ones, only when asked for)."""
+    model = create_model(config.name)
+    if not config.random_weights:
+        assert config.weights, "ModelConfig.validate() requires weights or random_weights"
+        load_weights(model, config.weights, config.name)
+    return model
 
 
 def load_weights(model: nn.Module, uri: str, model_name: str) -> str:

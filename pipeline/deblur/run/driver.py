@@ -8,7 +8,6 @@ so a driver restarted on the same job root resumes where the last one stopped.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deblur.cluster import start_ray
 from deblur.config import JobConfig
 from deblur.errors import PipelineError
 from deblur.job.ledger import Ledger, quality_means
@@ -74,40 +74,6 @@ class StopSignals(threading.Event):
         self.previous.clear()
 
 
-def start_ray(config: JobConfig, *, verbose: bool = False) -> None:
-    """Connect to ``scheduler.address`` or start Ray in-process (the embedded default).
-
-    In-process on a machine without CUDA, Ray gets logical GPUs so the same actors (asking for
-    ``gpus_per_worker``) schedule as they would on a GPU node, and run on the CPU.
-
-    Workers' output is not copied to this process's stdout unless ``verbose`` (it stays in
-    Ray's session logs); Ray's own logger goes through ours, i.e. to the job's log file.
-    """
-    import ray
-
-    from deblur.console import quiet_ray_logger
-
-    if ray.is_initialized():
-        return
-    quiet_ray_logger()
-    sched = config.scheduler
-    if sched.address:
-        ray.init(address=sched.address, log_to_driver=verbose, configure_logging=False)
-        return
-    import os
-
-    import torch
-
-    num_gpus = sched.ray_num_gpus
-    if num_gpus is None and not torch.cuda.is_available():
-        num_gpus = math.ceil(sched.max_workers * config.worker.gpus_per_worker)
-    cpus = max(os.cpu_count() or 1,
-               math.ceil(sched.max_workers * config.worker.cpus_per_worker) + 1)
-    # address="local": always a fresh instance, never a cluster some `ray start` left behind.
-    ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
-             log_to_driver=verbose, configure_logging=False)
-
-
 def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
                  job_id: str | None = None, force: bool = False) -> Ledger:
     """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``.
@@ -121,6 +87,7 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
     from deblur.model.weights import provenance
     from deblur.job.ledger import (JOB_NAME, check_job_id, default_job_root,
                                    live_jobs_overlapping, new_job_id)
+    from deblur.job.manifest import check_destination
 
     ttl = config.scheduler.lease_ttl_s
     if config.job_root and storage.exists(config.job_root.rstrip("/") + "/" + JOB_NAME):
@@ -135,6 +102,10 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
         return ledger
     if resume and config.job_root is None:
         raise ConfigError("--resume needs --job-root: the job to resume")
+    # Source and destination together (a destination inside a folder source) need the
+    # manifest's rules, so this check is the planner's, not the config's: still before Ray and
+    # before anything is read or written.
+    check_destination(config.source, config.destination)
     job_id = check_job_id(job_id) if job_id else new_job_id()
     if config.job_root is None:
         from dataclasses import replace

@@ -173,24 +173,32 @@ def test_link_swapped_in_after_planning_is_refused(tmp_path: Path) -> None:
 
 # -- 3. manifest entries that are absolute paths or URIs: allowed prefixes ---------------------
 
+def _new_bucket() -> str:
+    name = f"other-{uuid.uuid4().hex[:12]}"
+    Storage().client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
 def test_manifest_uris_must_lie_under_an_allowed_prefix(root: str) -> None:
     storage = CountingStorage()
-    folder, other = join(root, "m"), join(root, "other")
+    # By default a manifest on S3 may name its whole bucket: "outside" is another bucket.
+    folder, other = join(root, "m"), (f"{_new_bucket()}/other" if is_s3(root)
+                                      else join(root, "other"))
     for name in ["rel.png", "abs.png"]:
         storage.put(f"{folder}/{name}", png(1))
     for name in ["secret.png", "s2.png"]:
         storage.put(f"{other}/{name}", png(99))
-    entries = ["rel.png", f"{folder}/abs.png", f"{other}/secret.png",
-               f"{folder}/../other/s2.png", f"{folder}//..//other/s2.png"]
-    expected = ["ok", "ok", "outside_source", "outside_source", "outside_source"]
-    if not is_s3(root):
-        entries += [f"file://{folder}/abs.png", f"file://{folder}/../other/secret.png"]
-        expected += ["duplicate_key", "outside_source"]
+    entries = ["rel.png", f"{folder}/abs.png", f"{other}/secret.png"]
+    expected = ["ok", "ok", "outside_source"]
+    if not is_s3(root):  # a local manifest's default is its folder: '..' climbs out of it
+        entries += [f"{folder}/../other/s2.png", f"{folder}//..//other/s2.png",
+                    f"file://{folder}/abs.png", f"file://{folder}/../other/secret.png"]
+        expected += ["outside_source", "outside_source", "duplicate_key", "outside_source"]
     manifest = f"{folder}/list.txt"
     storage.put(manifest, "\n".join(entries).encode())
     dest = join(root, "out")
 
-    rows = _rows(manifest, dest, storage)  # default: the manifest's folder, SOURCE, DEST
+    rows = _rows(manifest, dest, storage)  # default: the manifest's bucket/folder, SOURCE, DEST
     assert [_reason(r) for r in rows] == expected
     assert folder in rows[2]["error"] and "--allow-prefix" in rows[2]["error"]
 
@@ -198,8 +206,9 @@ def test_manifest_uris_must_lie_under_an_allowed_prefix(root: str) -> None:
     explicit = _rows(manifest, dest, storage, job)
     assert [_reason(r) for r in explicit][:3] == ["ok", "outside_source", "ok"]
     job = JobConfig(source=manifest, destination=dest, allow_prefixes=(folder,))
-    assert [_reason(r) for r in _rows(manifest, dest, storage, job)][3:5] == [
-        "outside_source", "outside_source"]  # m/../other is not under m/
+    if not is_s3(root):
+        assert [_reason(r) for r in _rows(manifest, dest, storage, job)][3:5] == [
+            "outside_source", "outside_source"]  # m/../other is not under m/
 
     # The real pipeline: planned, run, and the secret objects are never read.
     ledger, _ = _plan_and_run(storage, job_config(manifest, dest, join(root, "job")))

@@ -467,8 +467,8 @@ class JobConfig:
     (otherwise such a row fails as outside_source). Links inside it are always read."""
     allow_prefixes: tuple[str, ...] = ()
     """Prefixes (s3://… or folders) that absolute/URI manifest entries must lie under; an
-    entry elsewhere fails as outside_source. Empty: the manifest's own folder (or S3 prefix),
-    SOURCE and DESTINATION."""
+    entry elsewhere fails as outside_source. Empty: the manifest's own bucket (S3) or folder
+    (local), SOURCE and DESTINATION."""
     overwrite_inputs: bool = False
     """Allow rows whose output is their own input (DEST == SOURCE, or an output_key naming
     the input); each original is kept under <job_root>/originals/ before it is replaced.

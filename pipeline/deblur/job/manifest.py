@@ -22,9 +22,11 @@ which records its prefix) are literal keys in the listed bucket/folder, always: 
 ``/etc/x.png``, ``file:///x.png`` or ``s3://other/x.png`` under ``s3://src/in/`` names the object
 ``s3://src/in//etc/x.png`` (and so on), never another file or bucket. Only manifest entries may
 be URIs or absolute paths, and those must lie under an allowed prefix (``allow_prefixes``;
-default: the manifest's own folder or S3 prefix, SOURCE and DESTINATION), compared
+default: the manifest's own bucket (S3) or folder (local), SOURCE and DESTINATION), compared
 on normalised URIs (``..`` resolved, ``//`` collapsed, ``file://`` equal to a plain path), or
-the row fails as ``outside_source``.
+the row fails as ``outside_source``. A manifest whose rows all lie outside (all of its first
+OUTSIDE_CHECK_ROWS) is a misconfiguration, not a few stray rows: planning refuses it
+(``ManifestError``), naming the prefix the rows share and ``--allow-prefix``.
 
 Local listings: a symbolic link that dangles or loops is a failed row (``broken_link``); one
 that resolves outside the source folder is a failed row (``outside_source``) unless
@@ -69,6 +71,10 @@ from deblur.job.dedup import DigestIndex, KeyReader, Spool, digest64, find_dupli
 from deblur.job.dataset import RangedFile, dataset_files, is_dataset, open_file, text_lines
 
 MAX_KEY_BYTES = 1024  # S3's limit on a key
+OUTSIDE_CHECK_ROWS = 1000
+"""A manifest whose first this-many rows (or all, if fewer) lie outside the allowed prefixes is
+refused at planning: enough rows to tell a wrong setting from a few hostile entries, few enough
+that planning 100 M rows stops within its first batch."""
 BATCH_ROWS = 65_536
 PARSE_BLOCK_BYTES = 1 << 22  # CSV/JSONL parsed this much at a time (pyarrow's block)
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".txt")
@@ -342,12 +348,22 @@ def within(uri: str, prefix: str) -> bool:
 
 
 def default_allowed_prefixes(source: str, destination: str) -> tuple[str, ...]:
-    """SOURCE and DESTINATION as given, and for a manifest its own folder (S3 prefix or local
-    folder; not its whole bucket)."""
+    """SOURCE and DESTINATION as given, and for a manifest its own bucket (S3: an inventory
+    manifest usually sits in one folder of the bucket whose images it names) or its own folder
+    (local: the files beside it and below)."""
     allowed = [source, destination]
     if is_manifest(source):
-        allowed.append(source_prefix(source))
+        allowed.append(f"s3://{parse_s3(source)[0]}/" if is_s3(source)
+                       else source_prefix(source))
     return tuple(allowed)
+
+
+def _shared_folder(folder: str | None, uri: str) -> str:
+    """The longest folder (ending in ``/``) holding both ``folder`` and ``uri``."""
+    if folder is None:
+        return uri.rsplit("/", 1)[0] + "/"
+    common = os.path.commonprefix([folder, uri])
+    return common[:common.rfind("/") + 1]
 
 
 def check_destination(source: str, destination: str) -> None:
@@ -443,6 +459,12 @@ class RowPlanner:
         """Manifest files read (0 for a listing)."""
         self.dest_key_len = len(parse_s3(self.destination)[1].encode()) if is_s3(
             self.destination) else 0
+        self.first_row: int | None = None
+        """The row id this planner started at (a parallel task's file starts further on)."""
+        self.outside = 0
+        """Of the manifest's first OUTSIDE_CHECK_ROWS rows, those outside the allowed prefixes."""
+        self.outside_folder: str | None = None
+        """The longest folder those rows share (normalised)."""
         # What the vectorised path prepends; each equals what the row-by-row path computes
         # for a plain key (``_UNSAFE``), since normalising a prefix and a plain relative key
         # is normalising the prefix and appending the key.
@@ -463,6 +485,8 @@ class RowPlanner:
         """SPOOL_SCHEMA rows for a manifest batch; row ids continue from the last batch."""
         n = batch.num_rows
         first = self.counts.rows
+        if self.first_row is None:
+            self.first_row = first
         self.counts.rows += n
         names = batch.schema.names
         keys = batch.column("key")
@@ -493,10 +517,16 @@ class RowPlanner:
                 else:
                     columns[name] = pc.replace_with_mask(columns[name].cast(pa.string()), mask,
                                                          values)
-            for row in rows:
+            for i, row in zip(slow, rows):
                 if row[2]:
                     reason = row[2].split(":", 1)[0]
                     self.counts.invalid[reason] = self.counts.invalid.get(reason, 0) + 1
+                    if reason == "outside_source" and first + i < OUTSIDE_CHECK_ROWS:
+                        self.outside += 1
+                        self.outside_folder = _shared_folder(self.outside_folder,
+                                                             normalise_uri(row[0]))
+        if first < OUTSIDE_CHECK_ROWS <= self.counts.rows:
+            self.check_outside()
         references = pa.nulls(n, pa.string())
         if "reference" in names and batch.column("reference").null_count < n:
             references = pa.array([_relative(r, self.base)[0] if r else None
@@ -594,6 +624,27 @@ class RowPlanner:
         if self.overwrite_inputs is False and overwrites_input(uri, out_uri):
             return uri, "", would_overwrite(uri, out_uri), key, out_rel
         return uri, out_uri, None, key, out_rel
+
+    def check_outside(self) -> None:
+        """Refuse a manifest whose first OUTSIDE_CHECK_ROWS rows (or all, if fewer) all lie
+        outside the allowed prefixes: a missing ``--allow-prefix``, not hostile entries. Only
+        the planner that read from the manifest's first row can tell (``first_row``)."""
+        checked = min(self.counts.rows, OUTSIDE_CHECK_ROWS)
+        if self.first_row != 0 or not checked or self.outside < checked:
+            return
+        folder = self.outside_folder or ""
+        what = "all" if checked == self.counts.rows else f"the first {checked:,}"
+        rows = f"{what} {self.counts.rows:,} rows" if what == "all" else f"{what} rows"
+        if folder in ("", "s3://", "/"):  # no bucket or folder in common
+            where = "share no bucket or folder"
+            fix = "pass --allow-prefix once for each bucket or folder they name"
+        else:
+            where = f"all lie under {folder}"
+            fix = f"pass --allow-prefix {folder} to read them"
+        raise ManifestError(
+            f"{rows} of the manifest name objects outside the allowed prefixes "
+            f"({', '.join(self.allowed or ())}): they {where}. Nothing was planned; {fix} "
+            f"(repeatable; it replaces the default prefixes)")
 
     def index(self, batch: pa.RecordBatch, inputs: DigestIndex, outputs: DigestIndex) -> None:
         """Record the digests of a provisional batch's inputs and outputs that are checked."""
@@ -728,6 +779,7 @@ def _planned(batches: Iterator[pa.RecordBatch], planner: RowPlanner,
                 planner.index(provisional, inputs, outputs)
         finally:
             spool.close()
+        planner.check_outside()  # a manifest shorter than OUTSIDE_CHECK_ROWS
         planner.spilled = inputs.spilled + outputs.spilled
         planner.spool_bytes = os.path.getsize(spool.path) if os.path.exists(spool.path) else 0
         duplicates = find_duplicates(inputs, KeyReader(spool, "key"))

@@ -6,9 +6,13 @@ crosses to the device in one copy, as integers (4x less traffic than float); on 
 is scaled to [0, 1], each image reflect-padded to the batch's multiple-of-4 shape, run in the
 configured precision, clamped and quantised with the authors' rounding (add half a step, then
 truncate, as their ``eval.py`` does before saving), and the quantised batch comes back in one
-copy. Images whose padded pass would be over ``tile_pixels`` run as overlapping tiles blended
-back together, so activation memory is bounded by the tile size, not the photo; a strip (1 x
-1,000,000) is cut along its length, each tile's padded area within the budget.
+copy. Images that are already torch tensors (H x W x 3 uint8, decoded on the device by nvJPEG)
+never touch the host: they are packed into the batch on their device, and the outputs are
+handed back as views of the quantised batch on the device, for nvJPEG to encode there; only
+the fp16 finite flag crosses the bus (tiled images do go through the host). Images whose
+padded pass would be over ``tile_pixels`` run as overlapping tiles blended back together, so
+activation memory is bounded by the tile size, not the photo; a strip (1 x 1,000,000) is cut
+along its length, each tile's padded area within the budget.
 
 Precision: ``auto`` is fp16 on CUDA (measured ten times closer to fp32 than bf16 at the same
 speed) and fp32 on CPU. 16-bit sources always run in fp32 (bf16 keeps ~8 bits of mantissa),
@@ -36,11 +40,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from deblur.config import ModelConfig
-from deblur.io.codec import MAX_VALUE
+from deblur.io.codec import MAX_VALUE, host_pixels
 from deblur.errors import ModelError, one_line
 from deblur.model import STRIDE
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Pixels = np.ndarray | torch.Tensor
+"""An H x W x 3 image: numpy on the host, or a uint8 tensor where a codec decoded it (nvJPEG:
+on the device)."""
 
 log = logging.getLogger("deblur.run.inference")
 
@@ -84,6 +92,31 @@ def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
         x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
         pad_h, pad_w = pad_h - step_h, pad_w - step_w
     return x
+
+
+def pack_tensors(images: list[torch.Tensor], rows: int, height: int, width: int
+                 ) -> torch.Tensor:
+    """Tensor images (H x W x 3 uint8, all on one device) in one new (rows, height, width, 3)
+    batch on that device, each at the top left: ``_host_batch``'s twin for pixels that are
+    already on the device (one device-side copy each, nothing through the host). Rows past the
+    images (the padding of a compiled batch) are zero."""
+    device = images[0].device
+    batch = torch.empty((rows, height, width, 3), dtype=torch.uint8, device=device)
+    if rows > len(images):
+        batch[len(images):].zero_()
+    for i, img in enumerate(images):
+        batch[i, :img.shape[0], :img.shape[1]].copy_(img)
+        if device.type == "cuda":
+            # Decoded on the codec's stream, read here on this one: keep the allocator from
+            # reusing its memory before this stream's copy ran (the decoder drops it earlier).
+            img.record_stream(torch.cuda.current_stream(device))
+    return batch
+
+
+def unpack_tensors(quantised: torch.Tensor, images: list[Pixels]) -> list[torch.Tensor]:
+    """Each image's output: its top-left H x W corner of the quantised NHWC batch, as a view on
+    the batch's device (no copy: the encoder reads it where it is)."""
+    return [quantised[i, :img.shape[0], :img.shape[1]] for i, img in enumerate(images)]
 
 
 @dataclass(frozen=True)
@@ -178,8 +211,8 @@ class Deblurrer:
 
     # -- public ----------------------------------------------------------------------------
 
-    def launch(self, images: list[np.ndarray], shape: tuple[int, int] | None = None
-               ) -> Callable[[], list[np.ndarray]]:
+    def launch(self, images: list[Pixels], shape: tuple[int, int] | None = None
+               ) -> Callable[[], list[Pixels]]:
         """Queue ``deblur(images, shape)`` on the device and return at once with a function
         that waits for and returns its outputs.
 
@@ -187,6 +220,7 @@ class Deblurrer:
         batch to the next while the host unpacks k and packs k+2. At most two batches may be
         in flight (host buffers alternate between two); collect them in launch order. Tiled
         images (and every batch on a CPU, where nothing runs asynchronously) are computed here.
+        Tensor images give tensor outputs on the device (see the module); the rest numpy.
         """
         if not images or any(padded_pixels(*img.shape[:2]) > self.config.tile_pixels
                              for img in images):
@@ -195,8 +229,8 @@ class Deblurrer:
         self._check_dtypes(images)
         return self._launch_batch(images, shape)
 
-    def deblur(self, images: list[np.ndarray], shape: tuple[int, int] | None = None
-               ) -> list[np.ndarray]:
+    def deblur(self, images: list[Pixels], shape: tuple[int, int] | None = None
+               ) -> list[Pixels]:
         """Deblur same-dtype images together, padded to ``shape`` (default: the largest).
 
         Images whose padded pass is over ``tile_pixels`` are tiled one by one; the rest run as
@@ -218,29 +252,38 @@ class Deblurrer:
             self._launch_batch([np.zeros((height, width, 3), np.uint8)] * size, None)()
 
     @staticmethod
-    def _check_dtypes(images: list[np.ndarray]) -> None:
+    def _check_dtypes(images: list[Pixels]) -> None:
         dtypes = {img.dtype for img in images}
+        if dtypes == {torch.uint8}:  # tensors (a device decoder's): uint8 only
+            return
         if len(dtypes) != 1 or next(iter(dtypes)) not in MAX_VALUE:
-            raise ModelError(f"a batch needs one dtype of uint8 or uint16, got {dtypes}")
+            raise ModelError(f"a batch needs one dtype of uint8 or uint16 (or uint8 tensors), "
+                             f"got {dtypes}")
 
     # -- one batch -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _launch_batch(self, images: list[np.ndarray], shape: tuple[int, int] | None
-                      ) -> Callable[[], list[np.ndarray]]:
+    def _launch_batch(self, images: list[Pixels], shape: tuple[int, int] | None
+                      ) -> Callable[[], list[Pixels]]:
         """Pack, upload, pad, run, quantise and start the download of one batch; nothing here
-        waits for the device. The returned function does the batch's one wait."""
+        waits for the device. The returned function does the batch's one wait. Tensor images
+        are packed where they are and their outputs stay there (nothing is downloaded but the
+        finite flag)."""
         height = max(img.shape[0] for img in images)
         width = max(img.shape[1] for img in images)
         target_h, target_w = shape or (height, width)
         target_h = round_up(max(target_h, height), STRIDE)
         target_w = round_up(max(target_w, width), STRIDE)
-        sixteen = images[0].dtype == np.uint16
-        scale = MAX_VALUE[images[0].dtype]
+        resident = isinstance(images[0], torch.Tensor)
+        sixteen = not resident and images[0].dtype == np.uint16
+        scale = 255.0 if resident else MAX_VALUE[images[0].dtype]
         count = len(images)
         rows = count if self._compiled is None or sixteen else _graph_batch(count)
-        host = self._host_batch(images, rows, target_h, target_w)
-        x = host.to(self.device, non_blocking=True)  # the batch's one host-to-device copy
+        if resident:  # already on the device: packed there (``to`` is then a no-op)
+            x = pack_tensors(images, rows, target_h, target_w)  # type: ignore[arg-type]
+        else:
+            x = self._host_batch(images, rows, target_h, target_w)  # type: ignore[arg-type]
+        x = x.to(self.device, non_blocking=True)  # the batch's one host-to-device copy
         x = _unsigned(x).to(torch.float32).div_(scale).permute(0, 3, 1, 2)  # (B, 3, H, W)
         x = torch.cat([reflect_pad(x[i:i + 1, :, :img.shape[0], :img.shape[1]],
                                    target_h - img.shape[0], target_w - img.shape[1])
@@ -250,17 +293,23 @@ class Deblurrer:
         # check now would wait for the device and stall the next batch's launch.
         reduced = not sixteen and self.dtype != torch.float32
         finite = torch.isfinite(out[:count]).all().reshape(1) if reduced else None
-        wait = self._download(self._quantise(out, scale, sixteen)[:count], finite)
+        quantised = self._quantise(out, scale, sixteen)[:count]
+        wait = self._download(None if resident else quantised, finite)
 
-        def collect() -> list[np.ndarray]:
+        def collect() -> list[Pixels]:
+            nonlocal quantised
             pixels, ok = wait()
             if not ok:  # fp16 overflows on rare inputs: this batch alone goes again in fp32
                 log.warning("non-finite %s output in a batch of %d: rerunning it in fp32",
                             str(self.dtype).removeprefix("torch."), count)
                 self.fp32_reruns += count
                 with torch.inference_mode():
-                    again = self._quantise(self._network(x, True), scale, sixteen)[:count]
-                    pixels, _ = self._download(again, None)()
+                    quantised = self._quantise(self._network(x, True), scale, sixteen)[:count]
+                    # Resident: the wait alone (the encoders read the outputs on other streams).
+                    pixels, _ = self._download(None if resident else quantised, None)()
+            if resident:
+                return unpack_tensors(quantised, images)  # type: ignore[return-value]
+            assert pixels is not None
             return [np.ascontiguousarray(pixels[i, :img.shape[0], :img.shape[1]],
                                          dtype=img.dtype) for i, img in enumerate(images)]
 
@@ -294,17 +343,22 @@ class Deblurrer:
             view[i, :img.shape[0], :img.shape[1]] = img
         return buffer
 
-    def _download(self, quantised: torch.Tensor, finite: torch.Tensor | None
-                  ) -> Callable[[], tuple[np.ndarray, bool]]:
+    def _download(self, quantised: torch.Tensor | None, finite: torch.Tensor | None
+                  ) -> Callable[[], tuple[np.ndarray | None, bool]]:
         """Start copying the quantised batch (and its finite flag) to the host in one copy on
-        a side stream; the returned function waits for it: the batch's one synchronisation."""
+        a side stream; the returned function waits for it: the batch's one synchronisation.
+        ``quantised`` None (outputs that stay on the device): only the flag is copied, and the
+        wait still covers the whole batch, so its outputs are complete when it returns."""
         if self._copy_stream is None:
-            return lambda: (quantised.numpy(), finite is None or bool(finite.item()))
+            return lambda: (None if quantised is None else quantised.numpy(),
+                            finite is None or bool(finite.item()))
         done = torch.cuda.Event()
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
-            host = torch.empty(quantised.shape, dtype=quantised.dtype, pin_memory=True)
-            host.copy_(quantised, non_blocking=True)
+            host = None
+            if quantised is not None:
+                host = torch.empty(quantised.shape, dtype=quantised.dtype, pin_memory=True)
+                host.copy_(quantised, non_blocking=True)
             flag = None
             if finite is not None:
                 flag = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
@@ -312,13 +366,14 @@ class Deblurrer:
             done.record()
         # The side stream uses tensors the main stream allocated: keep the allocator from
         # handing their memory out again before the copy is done.
-        quantised.record_stream(self._copy_stream)
+        if quantised is not None:
+            quantised.record_stream(self._copy_stream)
         if finite is not None:
             finite.record_stream(self._copy_stream)
 
-        def wait() -> tuple[np.ndarray, bool]:
+        def wait() -> tuple[np.ndarray | None, bool]:
             done.synchronize()
-            return host.numpy(), flag is None or bool(flag.item())
+            return (None if host is None else host.numpy()), flag is None or bool(flag.item())
 
         return wait
 
@@ -371,15 +426,17 @@ class Deblurrer:
         self._compiled = None
 
     @torch.inference_mode()
-    def deblur_tiled(self, img: np.ndarray, tile_pixels: int | None = None) -> np.ndarray:
+    def deblur_tiled(self, img: Pixels, tile_pixels: int | None = None) -> np.ndarray:
         """Overlapping tiles, each run alone, blended with separable linear ramps.
 
         The blend weight of a pixel is wy(y) * wx(x) summed over the tiles covering it; that sum
         is separable too, so only two 1-D normalisers are kept instead of a full weight image.
         The accumulator is float32 H x W x 3 on the host (12 bytes per pixel). ``tile_pixels``
         (default: the configured one) is smaller when the engine retries after running out of
-        memory.
+        memory. A tensor image (decoded on the device) is brought to the host first: tiles are
+        the rare path, and their accumulator is on the host anyway.
         """
+        img = host_pixels(img)
         height, width = img.shape[:2]
         grid = tile_grid(height, width, tile_pixels or self.config.tile_pixels,
                          self.config.tile_overlap)

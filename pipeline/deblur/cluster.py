@@ -32,13 +32,22 @@ def start_ray(config: JobConfig, *, verbose: bool = False) -> None:
     if sched.address:
         ray.init(address=sched.address, log_to_driver=verbose, configure_logging=False)
         return
-    import torch
-
     num_gpus = sched.ray_num_gpus
-    if num_gpus is None and not torch.cuda.is_available():
+    if stand_in_gpus(config):
         num_gpus = math.ceil(sched.max_workers * config.worker.gpus_per_worker)
     cpus = max(os.cpu_count() or 1,
                math.ceil(sched.max_workers * config.worker.cpus_per_worker) + 1)
     # address="local": always a fresh instance, never a cluster some `ray start` left behind.
     ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
              log_to_driver=verbose, configure_logging=False)
+
+
+def stand_in_gpus(config: JobConfig) -> bool:
+    """Whether the GPUs workers ask for are logical ones ``start_ray`` declares: Ray in this
+    process on a machine without CUDA, and ``scheduler.ray_num_gpus`` not set. The workers then
+    run on the CPU, so what a person reads about them never mentions a GPU."""
+    if config.scheduler.address or config.scheduler.ray_num_gpus is not None:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()

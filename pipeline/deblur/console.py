@@ -120,7 +120,8 @@ class ProgressView:
         rate = self.rate()
         left = max(p.rows_total - p.rows_done, 0)
         eta = hms(left / rate) if rate > 0 else ("0:00:00" if left == 0 else hms(None))
-        waiting = getattr(p, "waiting_for", "")
+        # Refreshed once a second by the pool: never shown once nothing is pending.
+        waiting = getattr(p, "waiting_for", "") if p.workers_pending else ""
         return (f"{p.rows_done}/{p.rows_total} images  {rate:.2f}/s  ETA {eta}  "
                 f"{p.failed} failed  workers {p.workers_active} active, "
                 f"{p.workers_pending} pending"

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from deblur.cluster import stand_in_gpus
 from deblur.config import JobConfig
 from deblur.errors import StorageError, WorkerStartError, is_outage, one_line
 from deblur.io.storage import get_storage
@@ -154,6 +155,10 @@ class ActorPool:
         self.demand = {"CPU": config.worker.cpus_per_worker,
                        "GPU": config.worker.gpus_per_worker,
                        **(getattr(actor, "_default_options", {}).get("resources") or {})}
+        # What the progress line names: without the GPU when it is a stand-in (no CUDA here,
+        # the worker runs on the CPU), so a CPU-only machine never reads "waiting for GPU".
+        self.shown_demand = {k: v for k, v in self.demand.items()
+                             if k != "GPU" or not stand_in_gpus(config)}
         self.stop: Any | None = None
         """A threading.Event the driver sets on SIGINT/SIGTERM: stop now, abandon in flight."""
         # Failed attempts are counted in the ledger (attempts/), so a restarted driver goes on
@@ -724,12 +729,38 @@ class ActorPool:
 
     def _check_start(self, progress: Progress, now: float) -> None:
         pending = [s for s in self.actors.values() if not s.ready]
-        progress.waiting_for = self._demand_text() if pending else ""
+        progress.waiting_for = self._pending_text(pending) if pending else ""
         if not pending or any(s.ready for s in self.actors.values()):
             return  # with one worker up the job goes on; more may come when capacity does
         waited = now - min(s.spawned for s in pending)
         if waited >= self.config.scheduler.worker_start_timeout_s:
             raise WorkerStartError(self._start_failure(waited))
+
+    def _pending_text(self, pending: list[ActorSlot]) -> str:
+        """What pending workers really wait for: those Ray has placed are starting (process,
+        imports, model); the others wait for a node with the resources they ask for."""
+        starting = sum(self._placed(slot) for slot in pending)
+        placing = len(pending) - starting
+        resources = f"{self._demand_text(self.shown_demand)}" or "a node"
+        if not placing:
+            return "the worker to load its model" if starting == 1 else \
+                "the workers to load their model"
+        if not starting:
+            return resources
+        return f"{starting} to load the model, {placing} for {resources}"
+
+    def _placed(self, slot: ActorSlot) -> bool:
+        """Whether Ray has given the actor a process (it is then starting, not waiting for
+        resources). Read from the GCS actor table (``ray._private.state``: Ray's state API
+        needs the dashboard, which the embedded Ray does not start); if that cannot be read,
+        the actor counts as waiting for resources, as before."""
+        try:
+            from ray._private import state
+
+            info = state.actors(slot.handle._actor_id.hex()) or {}
+        except Exception:  # noqa: BLE001 - only the wording of the progress line depends on it
+            return False
+        return bool(info.get("Pid")) or bool((info.get("Address") or {}).get("Port"))
 
     def _demand_text(self, demand: dict[str, float] | None = None) -> str:
         demand = self.demand if demand is None else demand

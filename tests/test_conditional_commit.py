@@ -17,7 +17,9 @@ import pytest
 from deblur.config import StorageConfig
 from deblur.errors import ConflictError, ConfigError
 from deblur.io.storage import Storage, join
-from deblur.job.ledger import RESULT_SCHEMA, Ledger, merge_results
+from deblur.job.commit import merge_results
+from deblur.job.ledger import Ledger
+from deblur.job.results import RESULT_SCHEMA
 from tests.conftest import make_job
 
 ROUNDS = 60
@@ -121,11 +123,11 @@ def test_lease_takeover_is_a_compare_and_swap(storage: Storage, root: str) -> No
     first, second = (Ledger.open(storage, ledger.job_root) for _ in range(2))
     # Both takers read the same expired version; the one that writes second must lose
     # instead of replacing the first taker's fresh lease.
-    expired = second._read_lease_tagged()
+    expired = second.lease.read_tagged()
     first.acquire_lease(60)
     reads = iter([expired])  # second's first read happened before first's takeover
-    original = second._read_lease_tagged
-    second._read_lease_tagged = lambda: next(reads, None) or original()  # type: ignore
+    original = second.lease.read_tagged
+    second.lease.read_tagged = lambda: next(reads, None) or original()  # type: ignore
     with pytest.raises(ConfigError, match="at the same time"):
         second.acquire_lease(60)
     assert storage.exists(join(ledger.job_root, "lease.json"))

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from deblur.cli import app
 from deblur.errors import AlreadyExistsError, ConfigError
+from deblur.job.lease import claim
 from deblur.job.ledger import CLAIM_NAME, LEASE_NAME, Ledger, default_job_root, list_jobs
 from deblur.io.storage import Storage, join
 from deblur.run.driver import open_or_plan
@@ -261,7 +262,8 @@ def test_a_planner_killed_mid_plan_leaves_a_claim_that_a_later_try_takes_over(
     job_root = default_job_root(dest, "fixed")
     config = job_config(src, dest, job_root, **{"scheduler.lease_ttl_s": 1.0})
     killed = Ledger(storage, job_root)
-    killed._claim("fixed", 1.0)  # what a killed planner leaves behind
+    # what a killed planner leaves behind
+    claim(storage, killed._path(CLAIM_NAME), killed._path("job.json"), killed.lease, "fixed", 1.0)
     killed.acquire_lease(1.0, job_id="fixed", destination=dest)
     with pytest.raises(ConfigError, match="already claimed"):  # its lease is still live
         Ledger.create(storage, config, job_id="fixed", model_info={}, hold_lease=True)

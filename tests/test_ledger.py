@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from deblur.errors import ConfigError, ManifestError
-from deblur.job.ledger import RESULT_SCHEMA, Ledger, default_job_root, list_jobs
+from deblur.job.ledger import Ledger, default_job_root, list_jobs
+from deblur.job.results import RESULT_SCHEMA
 from deblur.io.storage import Storage, join
 from tests.conftest import job_config
 
@@ -142,7 +143,7 @@ def test_a_result_newer_than_the_index_is_read_again(storage: Storage, root: str
 
 
 def test_quality_means_come_from_the_index(storage: Storage, root: str) -> None:
-    from deblur.job.ledger import quality_means
+    from deblur.job.results import quality_means
 
     ledger = _create(storage, root, 4, shard_size=2)
     summaries = []

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from deblur.io.storage import Storage
-from deblur.job.ledger import RESULT_SCHEMA, Ledger, _parquet_bytes, _shard_name, _shard_of
+from deblur.job.ledger import Ledger, _shard_name, _shard_of
+from deblur.job.results import RESULT_SCHEMA, parquet_bytes
 from deblur.job.manifest import SHARD_SCHEMA
 from tests.conftest import job_config
 
@@ -39,10 +40,10 @@ def test_names_past_five_digits_read_back_whole() -> None:
 def test_a_ledger_of_100001_shards(tmp_path: Path) -> None:
     root = tmp_path / "job"
     (root / "shards").mkdir(parents=True)
-    template = _parquet_bytes(_shard(0))
+    template = parquet_bytes(_shard(0))
     touched = (9_999, 10_000, 12_345, 99_999, 100_000)
     for shard_id in range(SHARDS):
-        data = _parquet_bytes(_shard(shard_id)) if shard_id in touched else template
+        data = parquet_bytes(_shard(shard_id)) if shard_id in touched else template
         (root / "shards" / _shard_name(shard_id)).write_bytes(data)
     config = job_config(str(tmp_path / "in"), str(tmp_path / "out"), str(root))
     (root / "job.json").write_text(json.dumps({

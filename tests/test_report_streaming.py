@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pyarrow as pa
 
-from deblur.job.ledger import result_table
+from deblur.job.results import result_table
 from deblur.observe.qa import QASample
 from deblur.observe.report import Histogram
 

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pytest
 
 from deblur.io.storage import Storage, join
-from deblur.job.ledger import RESULT_SCHEMA, Ledger, recorded_storage
+from deblur.job.ledger import Ledger, recorded_storage
+from deblur.job.results import RESULT_SCHEMA
 from deblur.config import StorageConfig
 from tests.conftest import free_port, job_config, jpeg, make_job
 

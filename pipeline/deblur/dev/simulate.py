@@ -19,7 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from deblur.job.ledger import Ledger, result_table
+from deblur.job.ledger import Ledger
+from deblur.job.results import result_table
 from deblur.io.storage import Storage
 
 

@@ -14,25 +14,15 @@ restarted driver on another machine) sees the same truth.
     <job_root>/qa/                    before/after thumbnails of the QA sample, index.json
     <job_root>/report.html            the human report (`deblur report`)
 
-This module is the only code that knows these names, and ``result_row`` (``result_table``
-for whole columns) is the only constructor of a result row.
+This module is the only code that knows these names. It plans a job root (claim, shards,
+job.json) and reads everything in it; the mechanisms it names objects for live beside it:
 
-claim.json is created first when planning (put-if-absent): of two drivers planning into one
-job root, the one that loses the claim writes nothing. job.json is written last (also
-put-if-absent), so its existence means "planned".
+- ``job/results.py``: what a result row is (``result_row``/``result_table`` are its only
+  constructors) and the index row summarising a shard (``ShardSummary``);
+- ``job/commit.py``: writing a shard's result conditionally, merged with what is there;
+- ``job/lease.py``: the planner's claim, the running driver's lease and its keeper.
 
-lease.json says a driver is working on the job: holder id and expiry (now + ttl), renewed
-every ttl/3 and deleted when the run ends. Resume and rerun refuse a live lease held by
-another driver and take over an expired one (a killed driver). Takeovers and renewals are a
-compare-and-swap on the version read (``Storage.put_if_match``): of two takers exactly one
-wins, and a driver presumed dead cannot renew over its successor's lease.
-
-A shard is done iff its result object exists. A result is written whole (S3 put, or a local
-rename) and only after every output of the shard was uploaded, with a conditional write: the
-first with put-if-absent, a merge with put-if-match on the version it merged with, so a
-stale writer never overwrites a newer result; a writer that loses re-reads, merges again and
-retries. The merge (``merge_results``) keeps every ok row as it was, replaces the rest, and
-asserts that every row of the shard appears exactly once.
+job.json is written last (put-if-absent), so its existence means "planned".
 
 The index makes status and rerun cost O(shards), not O(images): each row holds a shard's
 counts, failure reasons, finish times, quality sums and the version tag (ETag / mtime+size) of
@@ -44,15 +34,11 @@ the index is a cache of the results, never a second source of truth.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import os
-import random
 import re
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,171 +47,39 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from deblur import __version__
 from deblur.config import JobConfig, from_dict
 from deblur.errors import (
     AlreadyExistsError,
     ConfigError,
-    ConflictError,
     ManifestError,
     NotFoundError,
     StorageError,
     StoreUnavailableError,
     ThrottledError,
 )
-from deblur.job.manifest import SHARD_SCHEMA, PlanCounts, iter_shards, plan_rows
 from deblur.io import codec
 from deblur.io.storage import Storage, as_folder, join
+from deblur.job.commit import commit_result
+from deblur.job.lease import Lease, LeaseFile, LeaseKeeper, claim, json_object, when
+from deblur.job.manifest import SHARD_SCHEMA, PlanCounts, iter_shards, plan_rows
+from deblur.job.results import (INDEX_SCHEMA, RESULT_SCHEMA, ShardSummary, parquet_bytes,
+                                read_parquet, summarise)
 
 log = logging.getLogger("deblur.job.ledger")
-
-RESULT_SCHEMA = pa.schema([
-    pa.field("row_id", pa.int64(), nullable=False),
-    pa.field("key", pa.string()),
-    pa.field("output_key", pa.string()),
-    pa.field("status", pa.string()),  # ok | failed
-    pa.field("reason", pa.string()),  # short class for grouping (failed rows)
-    pa.field("error", pa.string()),  # one line naming the image and the problem
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("bytes_in", pa.int64()),
-    pa.field("bytes_out", pa.int64()),
-    pa.field("fetch_ms", pa.float32()),
-    pa.field("decode_ms", pa.float32()),
-    pa.field("infer_ms", pa.float32()),
-    pa.field("encode_ms", pa.float32()),
-    pa.field("upload_ms", pa.float32()),
-    pa.field("attempt", pa.int32()),
-    pa.field("worker", pa.string()),
-    pa.field("sharpness_in", pa.float32()),
-    pa.field("sharpness_out", pa.float32()),
-    pa.field("sharpness_ratio", pa.float32()),
-    pa.field("tenengrad_in", pa.float32()),
-    pa.field("tenengrad_out", pa.float32()),
-    pa.field("psnr", pa.float32()),
-    pa.field("ssim", pa.float32()),
-    pa.field("finished_at", pa.float64()),
-])
-
-def result_row(row: dict[str, Any], *, attempt: int, worker: str,
-               **fields: Any) -> dict[str, Any]:
-    """A result row for the planned shard row ``row``: every column present, unset ones None."""
-    result = dict.fromkeys(RESULT_SCHEMA.names)
-    result.update(row_id=row["row_id"], key=row["key"], output_key=row["output_key"],
-                  attempt=attempt, worker=worker, **fields)
-    return result
-
-
-def result_table(rows: pa.Table, *, attempt: int, worker: str,
-                 **columns: pa.Array) -> pa.Table:
-    """``result_row`` for a whole table of planned rows at once, column by column.
-
-    For callers that fill every row the same way (the scale simulation): building a thousand
-    dicts per shard would cost more than the ledger I/O being measured.
-    """
-    n = rows.num_rows
-    data = {name: pa.nulls(n, RESULT_SCHEMA.field(name).type) for name in RESULT_SCHEMA.names}
-    data.update(row_id=rows["row_id"], key=rows["key"], output_key=rows["output_key"],
-                attempt=pa.array([attempt] * n, pa.int32()),
-                worker=pa.array([worker] * n, pa.string()), **columns)
-    return pa.table(data, schema=RESULT_SCHEMA)
-
-
-PERMANENT_REASONS = frozenset({"invalid_key", "duplicate_key", "output_collision",
-                               "reserved_output"})
-"""Failures a rerun cannot fix: they come from the manifest itself."""
 
 UPLOAD_THREADS = 16
 _EXPLICIT_STORAGE = {"endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
                      "region": ("AWS_REGION", "AWS_DEFAULT_REGION")}
 """Environment variables that name a storage setting explicitly (over the recorded one).
 Retry mode and attempts have none: the client always takes them from the config."""
-COMMIT_ROUNDS = 50
-"""Conditional commits of one shard that may lose to concurrent writers before giving up (a
-shard has at most a handful: a stale actor, a retry, a second driver)."""
 INDEX_NAME = "index.parquet"
 JOB_NAME = "job.json"
 CLAIM_NAME = "claim.json"
 LEASE_NAME = "lease.json"
 JOB_AREA = "_deblur"
 _JOB_KEYS = ("job_id", "created_at", "source", "destination", "rows", "shards", "config")
-QUALITY_FIGURES = ("psnr", "ssim", "sharpness_ratio")
-
-INDEX_SCHEMA = pa.schema([
-    pa.field("shard", pa.int64(), nullable=False),
-    pa.field("rows", pa.int64()),
-    pa.field("ok", pa.int64()),
-    pa.field("failed", pa.int64()),
-    pa.field("rerunnable", pa.bool_()),  # has failed rows a rerun could fix
-    pa.field("reasons", pa.string()),  # JSON {"reason": count}
-    pa.field("first_finished", pa.float64()),
-    pa.field("last_finished", pa.float64()),
-    pa.field("tag", pa.string()),  # version of the result object summarised
-    pa.field("quality", pa.string()),  # JSON {"psnr": [sum, count], …} over ok rows
-])
-
-
-@dataclass(frozen=True, slots=True)
-class ShardSummary:
-    """One index row. Text fields stay JSON so a 100k-shard index is small in the driver."""
-
-    shard: int
-    rows: int
-    ok: int
-    failed: int
-    rerunnable: bool
-    reasons: str
-    first_finished: float | None
-    last_finished: float | None
-    tag: str | None
-    quality: str
-
-    def reason_counts(self) -> dict[str, int]:
-        return json.loads(self.reasons) if self.reasons else {}
-
-
-def summarise(shard_id: int, table: pa.Table, tag: str | None) -> ShardSummary:
-    """The index row for one shard's result table."""
-    status = table["status"]
-    ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
-    failed_rows = table.filter(pc.equal(status, "failed"))
-    reasons: dict[str, int] = {}
-    for reason in failed_rows["reason"].to_pylist():
-        reasons[reason or "unknown"] = reasons.get(reason or "unknown", 0) + 1
-    ok_rows = table.filter(pc.equal(status, "ok"))
-    quality = {}
-    for name in QUALITY_FIGURES:
-        values = pc.drop_null(ok_rows[name])
-        values = values.filter(pc.is_finite(values)) if len(values) else values
-        if len(values):
-            quality[name] = [float(pc.sum(values).as_py()), len(values)]
-    finished = table["finished_at"]
-    return ShardSummary(
-        shard=shard_id, rows=table.num_rows, ok=ok, failed=table.num_rows - ok,
-        rerunnable=bool(set(reasons) - PERMANENT_REASONS),
-        reasons=json.dumps(reasons, sort_keys=True) if reasons else "",
-        first_finished=pc.min(finished).as_py(), last_finished=pc.max(finished).as_py(),
-        tag=tag, quality=json.dumps(quality, sort_keys=True) if quality else "")
-
-
-def quality_means(summaries: Iterable[ShardSummary]) -> dict[str, float]:
-    """Means over ok rows of the whole job (summary.json, `deblur status`), from the index."""
-    totals: dict[str, list[float]] = {}
-    for summary in summaries:
-        for name, (total, count) in (json.loads(summary.quality) if summary.quality
-                                     else {}).items():
-            acc = totals.setdefault(name, [0.0, 0])
-            acc[0] += total
-            acc[1] += count
-    out: dict[str, float] = {}
-    for name in QUALITY_FIGURES:
-        if name in totals and totals[name][1]:
-            out[f"mean_{name}"] = totals[name][0] / totals[name][1]
-            out[f"{name}_count"] = int(totals[name][1])
-    return out
-
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -244,85 +98,6 @@ def new_job_id() -> str:
 
 def default_job_root(destination: str, job_id: str) -> str:
     return join(as_folder(destination) + JOB_AREA, job_id) + "/"
-
-
-def new_holder() -> str:
-    """A driver's lease holder id: host, pid and a random token (unique per driver run)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _when(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
-def _json_object(data: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(data)
-    except ValueError:  # not UTF-8 or not JSON
-        return None
-    return value if isinstance(value, dict) else None
-
-
-@dataclass(frozen=True)
-class Lease:
-    """The content of lease.json: which driver works on the job, and until when."""
-
-    holder: str
-    job_id: str
-    destination: str
-    acquired_at: float
-    expires_at: float
-
-    @property
-    def live(self) -> bool:
-        return self.expires_at > time.time()
-
-    def describe(self) -> str:
-        return f"{self.holder} (lease expires {_when(self.expires_at)})"
-
-    def to_json(self) -> bytes:
-        return json.dumps({"holder": self.holder, "job_id": self.job_id,
-                           "destination": self.destination, "acquired_at": self.acquired_at,
-                           "expires_at": self.expires_at}).encode()
-
-
-class LeaseKeeper:
-    """Renews a held lease every ttl/3 on a daemon thread; ``lost`` says another driver took
-    it over (this one was presumed dead), and the pool stops dispatching then."""
-
-    def __init__(self, ledger: Ledger, ttl: float) -> None:
-        self.ledger, self.ttl = ledger, ttl
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)
-
-    def start(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self.ledger.renew_lease(self.ttl)
-            except ConfigError as exc:
-                self.lost = str(exc)
-                log.error("%s", exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - a storage hiccup: try again next time
-                log.warning("could not renew the job lease: %s", exc)
-
-    def stop(self, release: bool = True) -> None:
-        """Stop renewing and release the lease (it stays for its ttl if the delete fails).
-        ``release=False`` keeps it for its ttl: planning hands it on to the run that follows."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(self.ttl)
-        if not release:
-            return
-        try:
-            self.ledger.release_lease()
-        except Exception as exc:  # noqa: BLE001 - it expires by itself
-            log.warning("could not release the job lease (it expires by itself): %s", exc)
 
 
 def _shard_name(shard_id: int) -> str:
@@ -357,33 +132,9 @@ def recorded_storage(config: Any) -> dict[str, Any]:
             "retry_mode": config.retry_mode, "max_attempts": config.max_attempts}
 
 
-def merge_results(previous: pa.Table | None, results: pa.Table) -> pa.Table:
-    """A shard's result after ``results`` lands on ``previous``, sorted by row id.
-
-    An ok row of ``previous`` always stays (a stale or concurrent attempt can never turn it
-    into a failure, nor rewrite it); every other row comes from ``results`` when it has one,
-    else stays as it was.
-    """
-    if previous is None:
-        return results.sort_by("row_id")
-    ok_before = previous.filter(pc.equal(previous["status"], "ok"))
-    fresh = results.filter(pc.invert(pc.is_in(results["row_id"],
-                                              value_set=ok_before["row_id"])))
-    others = previous.filter(pc.and_(
-        pc.invert(pc.equal(previous["status"], "ok")),
-        pc.invert(pc.is_in(previous["row_id"], value_set=fresh["row_id"]))))
-    return pa.concat_tables([ok_before, fresh, others]).sort_by("row_id")
-
-
 def write_shard(job_root: str, storage: Storage, shard_id: int, table: pa.Table) -> None:
     """Store one planned shard (for planning tasks, which hold no Ledger)."""
-    storage.put(as_folder(job_root) + "shards/" + _shard_name(shard_id), _parquet_bytes(table))
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+    storage.put(as_folder(job_root) + "shards/" + _shard_name(shard_id), parquet_bytes(table))
 
 
 @dataclass
@@ -433,8 +184,9 @@ class Ledger:
         self.job_root = as_folder(job_root)
         self._job: dict[str, Any] | None = None
         self.index_stale = 0
-        self.holder: str | None = None
-        """This driver's lease holder id while it holds lease.json (``acquire_lease``)."""
+        self.lease = LeaseFile(storage, self._path(LEASE_NAME), self.job_root,
+                               lambda: (self.job()["job_id"], self.job()["destination"]))
+        """lease.json: which driver works on the job (``job/lease.py``)."""
 
     def _path(self, *parts: str) -> str:
         return self.job_root + "/".join(parts)
@@ -457,14 +209,15 @@ class Ledger:
             raise ConfigError(f"a job already exists at {ledger.job_root}; choose another "
                               f"--job-root or resume it with --resume")
         ttl = config.scheduler.lease_ttl_s
-        ledger._claim(job_id, ttl)
+        claim(storage, ledger._path(CLAIM_NAME), ledger._path(JOB_NAME), ledger.lease, job_id,
+              ttl)
         keeper: LeaseKeeper | None = None
         try:
             if hold_lease:
                 # Renewed while planning (minutes at 100 M rows): a lease left to expire would
                 # let another driver take a job that is still being planned.
                 ledger.acquire_lease(ttl, job_id=job_id, destination=config.destination)
-                keeper = LeaseKeeper(ledger, ttl).start()
+                keeper = LeaseKeeper(ledger.lease, ttl).start()
             job = ledger._plan(config, job_id, model_info)
         except BaseException:
             if keeper is not None:
@@ -481,53 +234,6 @@ class Ledger:
             ledger.acquire_lease(ttl)
         ledger._job = job
         return ledger
-
-    def _claim(self, job_id: str, ttl: float) -> None:
-        """Create claim.json (put-if-absent) before anything else is written here.
-
-        A claim of the same job id left by a planning driver that was killed (no job.json,
-        and no live lease: the planner renews one while it plans) is taken over with a
-        compare-and-swap once it is older than ``ttl``, so a job whose id its deployment fixes
-        (the chart's RayJob) can be planned again. Another job's claim is never taken.
-        """
-        token = secrets.token_hex(8)
-        claim = {"job_id": job_id, "host": socket.gethostname(), "pid": os.getpid(),
-                 "time": time.time(), "token": token}
-        uri = self._path(CLAIM_NAME)
-        try:
-            self.storage.put_if_absent(uri, json.dumps(claim).encode())
-            return
-        except AlreadyExistsError:
-            pass
-        try:
-            data, tag = self.storage.get_tagged(uri)
-            found = _json_object(data) or {}
-        except NotFoundError:  # the winner gave up planning and freed it: still not ours
-            found, tag = {}, None
-        # A retried conditional PUT can find its own first attempt (the reply was lost).
-        if found.get("job_id") == job_id and found.get("token") == token:
-            return
-        if found.get("job_id") == job_id and tag and self._claim_abandoned(found, ttl):
-            log.warning("taking over the claim of %s: its planning driver (host %s, pid %s) "
-                        "left no job.json and no live lease", self.job_root,
-                        found.get("host"), found.get("pid"))
-            try:
-                self.storage.put_if_match(uri, json.dumps(claim).encode(), tag)
-                return
-            except (AlreadyExistsError, ConflictError):
-                found = _json_object(self.storage.get(uri)) or {}  # another taker won
-        who = (f"job {found.get('job_id')!r} (host {found.get('host')}, pid "
-               f"{found.get('pid')}, {_when(float(found.get('time') or 0))})"
-               if found else "another driver")
-        raise ConfigError(f"job root {self.job_root} is already claimed by {who}; use a "
-                          f"different --job-root (or, if that planning died, delete {uri})")
-
-    def _claim_abandoned(self, found: dict[str, Any], ttl: float) -> bool:
-        if self.storage.exists(self._path(JOB_NAME)):
-            return False
-        if time.time() - float(found.get("time") or 0) < ttl:
-            return False  # a planner may still be between its claim and its lease
-        return self.live_lease() is None
 
     def _plan(self, config: JobConfig, job_id: str, model_info: dict[str, Any]
               ) -> dict[str, Any]:
@@ -554,7 +260,7 @@ class Ledger:
                                   json.dumps(job, indent=2, default=str).encode())
         except AlreadyExistsError:
             # A retried conditional PUT can find its own first attempt (the reply was lost).
-            found = _json_object(storage.get(self._path(JOB_NAME))) or {}
+            found = json_object(storage.get(self._path(JOB_NAME))) or {}
             if found.get("job_id") == job_id:
                 return job
             raise ConfigError(f"another driver planned a job at {self.job_root} at the same "
@@ -572,7 +278,7 @@ class Ledger:
         with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="plan") as pool:
             in_flight: list[Any] = []
             for table in iter_shards(batches, config.shard_size):
-                data = _parquet_bytes(table)
+                data = parquet_bytes(table)
                 in_flight.append(pool.submit(storage.put, self._path("shards",
                                                                       _shard_name(shards)),
                                              data))
@@ -623,7 +329,7 @@ class Ledger:
             log.warning("ignoring the storage settings recorded in job.json: %s", exc)
             return ledger
         if config != ledger.storage.config:
-            ledger.storage = get_storage(config)
+            ledger.storage = ledger.lease.storage = get_storage(config)
         return ledger
 
     def job(self) -> dict[str, Any]:
@@ -634,7 +340,7 @@ class Ledger:
             except NotFoundError:
                 raise ConfigError(f"no job at {self.job_root} (no job.json): check the job "
                                   f"root that `deblur run` printed") from None
-            job = _json_object(data)
+            job = json_object(data)
             if job is None:
                 # What it looks like, never its bytes (it may be anything a manifest wrote).
                 problem = f"not a JSON object ({len(data)} bytes, {codec.sniff(data[:512])})"
@@ -658,14 +364,14 @@ class Ledger:
 
     def read_shard(self, shard_id: int) -> pa.Table:
         data = self.storage.get(self._path("shards", _shard_name(shard_id)))
-        return pq.read_table(io.BytesIO(data), schema=SHARD_SCHEMA)
+        return read_parquet(data, SHARD_SCHEMA)
 
     def read_result(self, shard_id: int) -> pa.Table | None:
         try:
             data = self.storage.get(self._path("results", _shard_name(shard_id)))
         except NotFoundError:
             return None
-        return pq.read_table(io.BytesIO(data), schema=RESULT_SCHEMA)
+        return read_parquet(data, RESULT_SCHEMA)
 
     def done_shards(self) -> set[int]:
         """Shards that have a result (whatever its failed rows)."""
@@ -709,45 +415,11 @@ class Ledger:
         """
         if isinstance(results, list):
             results = pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
-        results = results.cast(RESULT_SCHEMA)
         # The planned row ids never change, so a caller that read them passes them in.
         if planned_ids is None:
             planned_ids = self.read_shard(shard_id)["row_id"]
-        expected = sorted(planned_ids.to_pylist())
-        uri = self._path("results", _shard_name(shard_id))
-        for round_no in range(COMMIT_ROUNDS):
-            # Re-read on every round: another attempt (a stale actor, a second driver) may
-            # have committed since, and its ok rows must survive this write.
-            previous, previous_tag = self._read_result_tagged(shard_id)
-            merged = merge_results(previous, results)
-            got = sorted(merged["row_id"].to_pylist())
-            if got != expected:
-                missing = sorted(set(expected) - set(got))[:5]
-                extra = len(got) - len(set(got))
-                raise AssertionError(f"shard {shard_id} result would lose rows {missing} or "
-                                     f"repeat {extra}; refusing to commit")
-            data = _parquet_bytes(merged)
-            try:
-                if previous is None:
-                    tag = self.storage.put_if_absent(uri, data)
-                else:
-                    tag = self.storage.put_if_match(uri, data, previous_tag or "")
-            except (AlreadyExistsError, ConflictError):
-                # Lost the race to another writer: merge again from what it wrote.
-                log.info("shard %d: result changed while committing (round %d); merging "
-                         "again", shard_id, round_no + 1)
-                time.sleep(random.uniform(0, 0.05 * (round_no + 1)))
-                continue
-            return summarise(shard_id, merged, tag)
-        raise ConflictError(f"shard {shard_id}: {COMMIT_ROUNDS} commits in a row lost to "
-                            f"concurrent writers of {uri}", uri)
-
-    def _read_result_tagged(self, shard_id: int) -> tuple[pa.Table | None, str | None]:
-        try:
-            data, tag = self.storage.get_tagged(self._path("results", _shard_name(shard_id)))
-        except NotFoundError:
-            return None, None
-        return pq.read_table(io.BytesIO(data), schema=RESULT_SCHEMA), tag
+        return commit_result(self.storage, self._path("results", _shard_name(shard_id)),
+                             shard_id, results.cast(RESULT_SCHEMA), planned_ids)
 
     def reachable(self) -> bool:
         """Whether the store answers at all (one HEAD of job.json): False only for an outage
@@ -781,7 +453,7 @@ class Ledger:
 
     def read_attempt(self, shard_id: int) -> dict[str, Any]:
         try:
-            found = _json_object(self.storage.get(self._attempts_uri(shard_id))) or {}
+            found = json_object(self.storage.get(self._attempts_uri(shard_id))) or {}
         except NotFoundError:
             found = {}
         return {"failures": int(found.get("failures", 0)), "lost": int(found.get("lost", 0)),
@@ -842,14 +514,14 @@ class Ledger:
         rows = sorted(summaries, key=lambda r: r.shard)
         columns = {name: [getattr(r, name) for r in rows] for name in INDEX_SCHEMA.names}
         table = pa.Table.from_pydict(columns, schema=INDEX_SCHEMA)
-        self.storage.put(self._path(INDEX_NAME), _parquet_bytes(table))
+        self.storage.put(self._path(INDEX_NAME), parquet_bytes(table))
 
     def read_index(self) -> dict[int, ShardSummary]:
         try:
             data = self.storage.get(self._path(INDEX_NAME))
         except NotFoundError:
             return {}
-        table = pq.read_table(io.BytesIO(data), schema=INDEX_SCHEMA)
+        table = read_parquet(data, INDEX_SCHEMA)
         return {row["shard"]: ShardSummary(**row) for row in table.to_pylist()}
 
     def index(self) -> dict[int, ShardSummary]:
@@ -985,120 +657,31 @@ class Ledger:
     # -- the lease: which driver is working on the job --------------------------------------
 
     def read_lease(self) -> Lease | None:
-        """lease.json, or None; an unreadable one reads as expired (it can be taken over)."""
-        return self._read_lease_tagged()[0]
-
-    def _read_lease_tagged(self) -> tuple[Lease | None, str | None]:
-        try:
-            data, tag = self.storage.get_tagged(self._path(LEASE_NAME))
-        except NotFoundError:
-            return None, None
-        found = _json_object(data) or {}
-        try:
-            return Lease(holder=str(found["holder"]), job_id=str(found.get("job_id", "")),
-                         destination=str(found.get("destination", "")),
-                         acquired_at=float(found.get("acquired_at", 0.0)),
-                         expires_at=float(found["expires_at"])), tag
-        except (KeyError, TypeError, ValueError):
-            return Lease(holder="(unreadable lease.json)", job_id="", destination="",
-                         acquired_at=0.0, expires_at=0.0), tag
+        return self.lease.read()
 
     def live_lease(self) -> Lease | None:
-        """The lease of a driver working on the job now (unexpired), or None."""
-        lease = self.read_lease()
-        return lease if lease is not None and lease.live else None
+        return self.lease.live()
 
     def acquire_lease(self, ttl: float, *, job_id: str | None = None,
                       destination: str | None = None, wait_silent: bool = False) -> Lease:
-        """Hold lease.json for ``ttl`` seconds (renew it if this ledger holds it already).
-
-        Raises ConfigError while another driver holds a live lease; takes over an expired one
-        with a compare-and-swap on the version read (of two takers exactly one wins), and
-        renews its own the same way (a renewal after another driver took over fails).
-
-        ``wait_silent`` (resuming): a live lease is watched until it expires instead of being
-        refused at once. A live driver renews every ttl/3, so a renewal seen while waiting
-        refuses within that time; a lease that runs out unrenewed belonged to a dead driver
-        (a killed pod, a resubmitted job) and is taken over, at most one ttl later.
-        """
-        holder = self.holder or new_holder()
-        uri = self._path(LEASE_NAME)
-        current, current_tag = self._read_lease_tagged()
-        if (wait_silent and current is not None and current.holder != holder
-                and current.live):
-            current, current_tag = self._wait_for_silent_lease(current, current_tag)
-        if current is not None and current.holder != holder:
-            if current.live:
-                until = _when(current.expires_at)
-                raise ConfigError(
-                    f"another driver is running this job ({self.job_root}): {current.holder} "
-                    f"holds its lease until {until}; wait or, if it is dead, wait until "
-                    f"{until} and retry (`deblur cancel {self.job_root}` stops a live one)")
-            log.warning("taking over the lease of %s, which expired at %s (driver gone)",
-                        current.holder, _when(current.expires_at))
-        now = time.time()
-        if current is not None and current.holder == holder:
-            # A renewal names the same job; while planning there is no job.json to read yet.
-            job_id = current.job_id if job_id is None else job_id
-            destination = current.destination if destination is None else destination
-        lease = Lease(holder=holder,
-                      job_id=job_id if job_id is not None else self.job()["job_id"],
-                      destination=(destination if destination is not None
-                                   else self.job()["destination"]),
-                      acquired_at=now, expires_at=now + ttl)
-        try:
-            if current is None:
-                self.storage.put_if_absent(uri, lease.to_json())
-            else:  # a renewal of ours, or a takeover of an expired one: only that version
-                self.storage.put_if_match(uri, lease.to_json(), current_tag or "")
-        except (AlreadyExistsError, ConflictError):
-            found = self.read_lease()
-            # A retried conditional PUT can find its own first attempt.
-            if found is None or found.holder != holder:
-                who = found.describe() if found else "another driver"
-                raise ConfigError(f"another driver took over the job at {self.job_root} "
-                                  f"at the same time: {who}; wait for it or retry "
-                                  f"after its lease expires") from None
-        self.holder = holder
-        return lease
-
-    def _wait_for_silent_lease(self, current: Lease, tag: str | None,
-                               poll_s: float = 1.0) -> tuple[Lease | None, str | None]:
-        """Watch another driver's live lease until it expires or is renewed (then returned
-        as found: live, so the caller refuses)."""
-        log.warning("the job at %s is held by %s until %s: waiting to see whether that driver "
-                    "is alive (a live one renews its lease)", self.job_root, current.describe(),
-                    _when(current.expires_at))
-        expires = current.expires_at
-        while True:
-            time.sleep(min(poll_s, max(0.0, expires - time.time()) + 0.1))
-            found, found_tag = self._read_lease_tagged()
-            if found is None or found.holder != current.holder or found.expires_at != expires:
-                return found, found_tag  # renewed, released or taken: decide on what is there
-            if not found.live:
-                return found, found_tag
+        """``LeaseFile.acquire`` on this job's lease.json."""
+        return self.lease.acquire(ttl, job_id=job_id, destination=destination,
+                                  wait_silent=wait_silent)
 
     def renew_lease(self, ttl: float) -> Lease:
-        """Push our lease's expiry to now + ttl; ConfigError if another driver took it."""
-        current = self.read_lease()
-        if current is not None and current.holder != self.holder:
-            raise ConfigError(f"lost the lease of {self.job_root} to {current.describe()} "
-                              f"(this driver was presumed dead): stopping dispatch")
-        return self.acquire_lease(ttl)
+        return self.lease.renew(ttl)
 
     def release_lease(self) -> None:
-        """Delete lease.json if this ledger holds it."""
-        if self.holder is None:
-            return
-        current = self.read_lease()
-        if current is not None and current.holder == self.holder:
-            self.storage.delete(self._path(LEASE_NAME))
-        self.holder = None
+        self.lease.release()
 
     def keep_lease(self, ttl: float) -> LeaseKeeper:
         """Acquire the lease and renew it every ttl/3 until ``LeaseKeeper.stop``."""
-        self.acquire_lease(ttl)
-        return LeaseKeeper(self, ttl).start()
+        return self.lease.keep(ttl)
+
+    @property
+    def holder(self) -> str | None:
+        """This driver's lease holder id while it holds lease.json (``acquire_lease``)."""
+        return self.lease.holder
 
 
 def list_jobs(storage: Storage, destination: str) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ from typing import Any
 from deblur.cluster import start_ray
 from deblur.config import JobConfig
 from deblur.errors import PipelineError
-from deblur.job.ledger import Ledger, quality_means
+from deblur.job.ledger import Ledger
+from deblur.job.results import quality_means
 from deblur.run.pool import ActorPool, Progress
 
 log = logging.getLogger("deblur.run.driver")

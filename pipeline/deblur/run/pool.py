@@ -30,7 +30,8 @@ from deblur.cluster import stand_in_gpus
 from deblur.config import JobConfig
 from deblur.errors import StorageError, WorkerStartError, is_outage, one_line
 from deblur.io.storage import get_storage
-from deblur.job.ledger import Ledger, ShardSummary, result_row
+from deblur.job.ledger import Ledger
+from deblur.job.results import ShardSummary, result_row
 
 log = logging.getLogger("deblur.run.pool")
 
@@ -121,7 +122,7 @@ class ActorPool:
         self.ledger = ledger
         self.on_progress = on_progress or (lambda progress: None)
         self.metrics = metrics  # deblur.observe.metrics.JobMetrics, or None
-        self.lease = lease  # deblur.job.ledger.LeaseKeeper, or None
+        self.lease = lease  # deblur.job.lease.LeaseKeeper, or None
         sched = config.scheduler
         actor = actor_class or ray.remote(WorkerActor)
         self.actor = actor

@@ -48,7 +48,8 @@ from deblur.config import JobConfig, parse_shape
 from deblur.errors import (ImageError, NotFoundError, PipelineError, StorageError,
                            StoreUnavailableError, WorkerStartError, WorkerUnhealthyError,
                            is_outage, one_line)
-from deblur.job.ledger import RESULT_SCHEMA, Ledger
+from deblur.job.ledger import Ledger
+from deblur.job.results import RESULT_SCHEMA
 from deblur.io.local import link_problem
 from deblur.io.storage import (Storage, get_storage, is_s3, join, retries_counted_by,
                                to_local_path)

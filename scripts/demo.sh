@@ -25,8 +25,8 @@ Path("demo/eval.csv").write_text("\n".join(rows) + "\n")
 PY
 .venv/bin/deblur run demo/eval.csv demo/deblurred "${weights[@]}" \
   --job-root demo/deblurred/_deblur/demo --shard-size 4 "$@"
-# The job measured its outputs against the references (summary.json); measure the blurry
-# inputs the same way, and put one before/after pair side by side.
+# The job measured its inputs and its outputs against the references (summary.json): print
+# its own figures, and put one before/after pair side by side.
 .venv/bin/python - <<'PY'
 import json
 from pathlib import Path
@@ -34,18 +34,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from deblur.observe.quality import psnr, ssim
-
-quality = json.loads(Path("demo/deblurred/_deblur/demo/summary.json").read_text())["quality"]
-pairs = [(np.asarray(Image.open(p).convert("RGB")),
-          np.asarray(Image.open(f"demo/blurry-reference/{p.stem}.png").convert("RGB")))
-         for p in sorted(Path("demo/blurry").glob("*.jpg"))]
-before_psnr = np.mean([psnr(b, s) for b, s in pairs])
-before_ssim = np.mean([ssim(b, s) for b, s in pairs])
-print(f"\ndemo: PSNR {before_psnr:.2f} -> {quality['mean_psnr']:.2f} dB "
-      f"({quality['mean_psnr'] - before_psnr:+.2f} dB), SSIM {before_ssim:.3f} -> "
-      f"{quality['mean_ssim']:.3f}, mean of {quality['psnr_count']} images vs their sharp originals")
-blurry, sharp = pairs[0]
+q = json.loads(Path("demo/deblurred/_deblur/demo/summary.json").read_text())["quality"]
+print(f"\ndemo: PSNR {q['mean_psnr_in']:.2f} -> {q['mean_psnr']:.2f} dB ({q['psnr_gain']:+.2f} dB), "
+      f"SSIM {q['mean_ssim_in']:.3f} -> {q['mean_ssim']:.3f} ({q['ssim_gain']:+.3f}), mean of "
+      f"{q['psnr_count']} images vs their sharp originals (the job's figures: deblur status)")
+blurry = np.asarray(Image.open("demo/blurry/sample_000.jpg").convert("RGB"))
+sharp = np.asarray(Image.open("demo/blurry-reference/sample_000.png").convert("RGB"))
 out = np.asarray(Image.open("demo/deblurred/blurry/sample_000.jpg").convert("RGB"))
 gap = np.full((blurry.shape[0], 6, 3), 255, np.uint8)
 Image.fromarray(np.concatenate([blurry, gap, out, gap, sharp], axis=1)).save(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ def alert_exprs() -> list[str]:
     return [r["expr"] for g in data["groups"] for r in g["rules"]]
 
 
+@dataclass
+class _Summary:
+    quality: str  # the one field of deblur.job.results.ShardSummary the metrics read
+
+
 def _fed_metrics() -> JobMetrics:
     from deblur.run.pool import Progress
 
@@ -38,7 +44,10 @@ def _fed_metrics() -> JobMetrics:
         "stages": {"fetch": [1.0, 2.0], "infer": [30.0]}, "batches": [(2, 0.9), (1, 1.0)],
         "busy_s": 0.5, "wall_s": 1.0, "queue_peak": 4, "reasons": {"corrupt": 1},
         "bytes_in": 100, "bytes_out": 80, "storage_retries": 2, "gpu_memory_bytes": 0,
-        "fp32_reruns": 3, "gpu_utilization": 0.75}})
+        "fp32_reruns": 3, "gpu_utilization": 0.75},
+        # An evaluation job's shard: its index row's quality sums (PSNR/SSIM before, after).
+        "summary": _Summary(json.dumps({"psnr": [60.0, 2], "psnr_in": [50.0, 2],
+                                        "ssim": [1.8, 2], "ssim_in": [1.6, 2]}))})
     metrics.observe_progress(Progress(shards_total=2, rows_total=6, rows_done=4), queued=1,
                              running=1)
     return metrics
@@ -229,3 +238,16 @@ def test_nvml_is_not_imported_without_cuda() -> None:
 
     assert device_utilization() is None
     assert "pynvml" not in sys.modules
+
+
+def test_evaluation_jobs_export_before_after_and_the_gain() -> None:
+    value = _fed_metrics().registry.get_sample_value
+    assert value("deblur_reference_psnr_db", {"job_id": "job-1", "image": "input"}) == 25.0
+    assert value("deblur_reference_psnr_db", {"job_id": "job-1", "image": "output"}) == 30.0
+    assert value("deblur_reference_psnr_gain_db", {"job_id": "job-1"}) == 5.0
+    assert value("deblur_reference_ssim_gain", {"job_id": "job-1"}) == pytest.approx(0.1)
+    plain = JobMetrics("job-2", "mimo-unet")  # no references: no such series at all
+    plain.observe_shard({"ok": 1, "failed": 0})
+    samples = [line for line in generate_latest(plain.registry).decode().splitlines()
+               if not line.startswith("#")]
+    assert not [line for line in samples if line.startswith("deblur_reference")]

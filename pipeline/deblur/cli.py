@@ -591,9 +591,27 @@ def _status(job_root: str, as_json: bool) -> None:
             _say(f"  {stage}: p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f}"
                        f" ms, p99 {figures['p99_ms']:.1f} ms")
     if summary and summary.get("quality"):
-        quality = summary["quality"]
-        _say("  quality: " + ", ".join(f"{k} {_number(v)}" for k, v in quality.items()
-                                              if isinstance(v, (int, float))))
+        quality = dict(summary["quality"])
+        if "psnr_gain" in quality:  # an evaluation job
+            _say(_against_references(quality))
+            for name in ("psnr", "ssim"):  # shown above
+                for key in (f"mean_{name}", f"mean_{name}_in", f"{name}_count",
+                            f"{name}_in_count", f"{name}_gain"):
+                    quality.pop(key, None)
+        if quality:
+            _say("  quality: " + ", ".join(f"{k} {_number(v)}" for k, v in quality.items()
+                                          if isinstance(v, (int, float))))
+
+
+def _against_references(quality: dict[str, Any]) -> str:
+    """An evaluation job's figures: before (the inputs) -> after (the outputs), and the gain."""
+    parts = [f"PSNR {quality['mean_psnr_in']:.2f} -> {quality['mean_psnr']:.2f} dB "
+             f"({quality['psnr_gain']:+.2f} dB)"]
+    if "ssim_gain" in quality:
+        parts.append(f"SSIM {quality['mean_ssim_in']:.3f} -> {quality['mean_ssim']:.3f} "
+                     f"({quality['ssim_gain']:+.3f})")
+    return (f"  against the references ({quality.get('psnr_count', 0)} images, input -> "
+            f"output): " + ", ".join(parts))
 
 
 def _number(value: float) -> str:

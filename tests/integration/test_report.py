@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from deblur.cli import app
@@ -20,6 +21,7 @@ from deblur.observe.qa import QASample
 from deblur.observe.report import build
 from deblur.dev.samples import reference_folder, write_samples
 from deblur.io.storage import Storage
+from deblur.observe.quality import psnr, ssim
 from deblur.run.worker import ShardProcessor
 from tests.conftest import jpeg, job_config, make_job, unsharp
 
@@ -52,8 +54,18 @@ def test_reference_rows_get_psnr_ssim_and_sharpness(evaluated_job: Ledger) -> No
     for r in ok:
         assert 10 < r["psnr"] < 60 and 0 < r["ssim"] < 1
         assert r["sharpness_ratio"] > 1.0 and r["tenengrad_out"] > r["tenengrad_in"]
+        # The input against the same reference, measured where it was decoded (issue 25.5).
+        blurry = np.asarray(Image.open(r["key"]).convert("RGB"))
+        sharp = np.asarray(Image.open(_reference_of(r["key"])).convert("RGB"))
+        assert r["psnr_in"] == pytest.approx(psnr(blurry, sharp), abs=1e-4)
+        assert r["ssim_in"] == pytest.approx(ssim(blurry, sharp), abs=1e-5)
+        assert r["psnr_in"] != pytest.approx(r["psnr"], abs=1e-3)
     reasons = {r["reason"] for r in rows if r["status"] == "failed"}
     assert reasons == {"not_found", "unsupported_format", "invalid_key"}
+
+
+def _reference_of(key: str) -> Path:
+    return reference_folder(Path(key).parent) / (Path(key).stem + ".png")
 
 
 def test_qa_sample_is_deterministic_and_covers_every_failure(evaluated_job: Ledger) -> None:
@@ -67,7 +79,7 @@ def test_qa_sample_is_deterministic_and_covers_every_failure(evaluated_job: Ledg
     assert first == pick(0)
     groups = {why for _, why in first}
     assert {"failed:not_found", "failed:unsupported_format", "failed:invalid_key",
-            "lowest_gain", "largest"} <= groups
+            "lowest_gain", "lowest_psnr_gain", "largest"} <= groups
     assert len({rid for rid, _ in first}) == len(first)
 
 
@@ -113,14 +125,57 @@ def test_report_flags_random_weights_shows_evaluation_and_the_status_throughput(
         f"{run_throughput(summary):.2f}" == "2.25"
     # The test job runs with random weights (config) and job.json records no provenance flag.
     assert 'id="random-weights"' in page and _row(page, "Weights") == "random (untrained)"
-    # PSNR/SSIM of the 6 reference rows: a table of the distribution, the worst first.
+    # PSNR/SSIM of the 6 reference rows, input -> output and the gain: a table of the
+    # distributions, then the sampled images, worst gain first.
     evaluation = page[page.index('id="evaluation"'):page.index('id="samples"')]
-    assert "<th>PSNR (dB)</th><td>6</td>" in evaluation and "<th>SSIM</th><td>6</td>" in evaluation
-    psnrs = [float(v) for v in re.findall(r"</code></td><td>([0-9.]+)</td>", evaluation)]
-    assert psnrs and psnrs == sorted(psnrs)
+    for label in ("PSNR input (dB)", "PSNR output (dB)", "PSNR gain (dB)", "SSIM input",
+                  "SSIM output", "SSIM gain"):
+        assert f"<th>{label}</th><td>6</td>" in evaluation, label
+    rows = [r for t in evaluated_job.iter_results() for r in t.to_pylist() if r["psnr"]]
+    mean_in = np.mean([r["psnr_in"] for r in rows])
+    mean_out = np.mean([r["psnr"] for r in rows])
+    assert (f"PSNR {mean_in:.2f} → {mean_out:.2f} dB (gain {mean_out - mean_in:+.2f} dB)"
+            in evaluation), evaluation
+    shown = re.findall(r"</code></td><td>([0-9.]+) → ([0-9.]+) \(([-+][0-9.]+)\)</td>",
+                       evaluation)
+    gains = [float(g) for _, _, g in shown]
+    assert gains and gains == sorted(gains)
+    assert all(abs(float(b) - float(a) - float(g)) <= 0.011 for a, b, g in shown)
     # Large before/after views with a zoomed crop of each ok pick, side by side.
     assert page.count('<div class="row crops">') == page.count('<div class="row views">') > 0
     assert 'alt="after, zoomed crop"' in page
+
+
+def test_status_and_metrics_show_before_after_and_the_gain(evaluated_job: Ledger) -> None:
+    from deblur.job.results import quality_means
+    from deblur.observe.metrics import JobMetrics
+
+    index = evaluated_job.index()
+    quality = quality_means(index.values())  # what the driver writes in summary.json
+    rows = [r for t in evaluated_job.iter_results() for r in t.to_pylist() if r["psnr"]]
+    assert quality["mean_psnr_in"] == pytest.approx(np.mean([r["psnr_in"] for r in rows]))
+    assert quality["psnr_gain"] == pytest.approx(quality["mean_psnr"] - quality["mean_psnr_in"])
+    assert quality["ssim_gain"] == pytest.approx(quality["mean_ssim"] - quality["mean_ssim_in"])
+    evaluated_job.write_summary({"quality": quality, "run": {}})
+
+    out = CliRunner().invoke(app, ["status", evaluated_job.job_root]).output
+    assert (f"against the references (6 images, input -> output): PSNR "
+            f"{quality['mean_psnr_in']:.2f} -> {quality['mean_psnr']:.2f} dB "
+            f"({quality['psnr_gain']:+.2f} dB), SSIM {quality['mean_ssim_in']:.3f} -> "
+            f"{quality['mean_ssim']:.3f} ({quality['ssim_gain']:+.3f})") in out, out
+
+    metrics = JobMetrics("eval", "mimo-unet")
+    for summary in index.values():
+        metrics.observe_shard({"ok": summary.ok, "failed": summary.failed, "summary": summary})
+    value = metrics.registry.get_sample_value
+    assert value("deblur_reference_psnr_db", {"job_id": "eval", "image": "input"}) == \
+        pytest.approx(quality["mean_psnr_in"])
+    assert value("deblur_reference_psnr_db", {"job_id": "eval", "image": "output"}) == \
+        pytest.approx(quality["mean_psnr"])
+    assert value("deblur_reference_psnr_gain_db", {"job_id": "eval"}) == \
+        pytest.approx(quality["psnr_gain"])
+    assert value("deblur_reference_ssim_gain", {"job_id": "eval"}) == \
+        pytest.approx(quality["ssim_gain"])
 
 
 def test_real_weights_get_no_banner_and_plain_jobs_no_evaluation(tmp_path: Path) -> None:

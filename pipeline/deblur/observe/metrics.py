@@ -26,6 +26,7 @@ rules query only these, so a rename cannot silently break a panel.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -52,6 +53,8 @@ METRIC_NAMES = (
     "deblur_gpu_memory_peak_bytes", "deblur_storage_retries_total",
     "deblur_shard_retries_total", "deblur_fp32_reruns_total",
     "deblur_last_progress_timestamp_seconds", "deblur_job_finished_timestamp_seconds",
+    "deblur_reference_psnr_db", "deblur_reference_ssim", "deblur_reference_psnr_gain_db",
+    "deblur_reference_ssim_gain",
 )
 
 # The longest ``close`` waits for the scrape that records the run's end. A run that ended is
@@ -160,6 +163,20 @@ class JobMetrics:
         self.finished = Gauge("deblur_job_finished_timestamp_seconds",
                               "Unix time the run ended with nothing left to do or on a cancel "
                               "request; 0 while it runs", job, registry=r)
+        # Evaluation jobs (a reference column): before (the inputs) and after (the outputs)
+        # against the references, means over the shards committed so far, and the gain. No
+        # series without references.
+        self.reference_psnr = Gauge("deblur_reference_psnr_db", "Mean PSNR against the "
+                                    "references of the inputs (image=input) and the outputs "
+                                    "(image=output)", ["job_id", "image"], registry=r)
+        self.reference_ssim = Gauge("deblur_reference_ssim", "Mean SSIM against the "
+                                    "references of the inputs (image=input) and the outputs "
+                                    "(image=output)", ["job_id", "image"], registry=r)
+        self.psnr_gain = Gauge("deblur_reference_psnr_gain_db", "Mean output PSNR minus mean "
+                               "input PSNR against the references", job, registry=r)
+        self.ssim_gain = Gauge("deblur_reference_ssim_gain", "Mean output SSIM minus mean "
+                               "input SSIM against the references", job, registry=r)
+        self._reference: dict[str, list[float]] = {}  # psnr, psnr_in, …: [sum, count]
         self.scrapes = ScrapeClock()
         r.register(self.scrapes)
         self.last_progress.labels(job_id).set(time.time())
@@ -262,6 +279,25 @@ class JobMetrics:
         retries = m.get("storage_retries", 0)
         self.storage_retries.labels(job).inc(retries)
         self.totals["storage_retries"] += retries
+        self._observe_reference(getattr(report.get("summary"), "quality", ""))
+
+    def _observe_reference(self, quality: str) -> None:
+        """Fold a shard's quality sums (its index row's JSON) into the reference gauges."""
+        sums = json.loads(quality) if quality else {}
+        for name in ("psnr", "psnr_in", "ssim", "ssim_in"):
+            if name in sums:
+                acc = self._reference.setdefault(name, [0.0, 0])
+                acc[0] += sums[name][0]
+                acc[1] += sums[name][1]
+        means = {name: total / count for name, (total, count) in self._reference.items()
+                 if count}
+        for name, gauge, gain in (("psnr", self.reference_psnr, self.psnr_gain),
+                                  ("ssim", self.reference_ssim, self.ssim_gain)):
+            for image, key in (("output", name), ("input", f"{name}_in")):
+                if key in means:
+                    gauge.labels(self.job_id, image).set(means[key])
+            if name in means and f"{name}_in" in means:
+                gain.labels(self.job_id).set(means[name] - means[f"{name}_in"])
 
     def observe_progress(self, progress: Any, queued: int, running: int) -> None:
         job = self.job_id

@@ -7,7 +7,8 @@ Picked, streaming over the result shards (memory is the sample, not the job):
 - ``largest``: the biggest images (tiling, memory, borders);
 - ``failed:<reason>``: examples of each failure reason;
 - ``random``: ok images drawn uniformly;
-- ``lowest_psnr``: evaluation jobs (rows with a reference): the worst PSNR.
+- ``lowest_psnr_gain``: evaluation jobs (rows with a reference): the least PSNR gained over
+  the input (or lost); ``lowest_psnr`` for rows recorded without the input's figure.
 
 Each ok pick is shown large (``view_side`` pixels on its long side) with a zoomed crop of its
 sharpest edge region, before and after: a thumbnail is too small to tell deblurring from
@@ -37,7 +38,8 @@ from deblur.errors import PipelineError
 from deblur.observe.quality import row_hash
 
 _COLUMNS = ("row_id", "key", "output_key", "status", "reason", "error", "width", "height",
-            "sharpness_in", "sharpness_out", "sharpness_ratio", "psnr", "ssim")
+            "sharpness_in", "sharpness_out", "sharpness_ratio", "psnr", "ssim", "psnr_in",
+            "ssim_in")
 
 
 @dataclass
@@ -71,8 +73,15 @@ class QASample:
             ok_sized = ok.append_column("pixels", pixels)
             for row in ok_sized.sort_by([("pixels", "descending")]).slice(0, k).to_pylist():
                 self._offer("largest", float(row.pop("pixels")), row)
+        if "psnr_in" in ok.column_names:
+            gains = ok.append_column("gain", pc.subtract(ok["psnr"], ok["psnr_in"]))
+            with_gain = gains.filter(pc.is_valid(gains["gain"]))
+            for row in with_gain.sort_by("gain").slice(0, k).to_pylist():
+                self._offer("lowest_psnr_gain", -row.pop("gain"), row)
         if "psnr" in ok.column_names:
-            with_psnr = ok.filter(pc.is_valid(ok["psnr"]))
+            without = (pc.is_null(ok["psnr_in"]) if "psnr_in" in ok.column_names
+                       else pa.array([True] * ok.num_rows))
+            with_psnr = ok.filter(pc.and_(pc.is_valid(ok["psnr"]), without))
             for row in with_psnr.sort_by("psnr").slice(0, k).to_pylist():
                 self._offer("lowest_psnr", -row["psnr"], row)
         for row in ok.to_pylist() if ok.num_rows <= 4 * k else self._hash_top(ok):
@@ -89,7 +98,7 @@ class QASample:
 
     def picks(self) -> list[dict[str, Any]]:
         """Sample rows with a ``why`` field, each row once (first group wins), stable order."""
-        order = ["lowest_gain", "lowest_psnr", "largest", "random"] + sorted(
+        order = ["lowest_gain", "lowest_psnr_gain", "lowest_psnr", "largest", "random"] + sorted(
             g for g in self._heaps if g.startswith("failed:"))
         seen: set[int] = set()
         out = []

@@ -29,7 +29,11 @@ from deblur.console import printable
 from deblur.job.ledger import run_throughput
 from deblur.observe.qa import QASample, write_pairs
 
-_HIST_RANGES = {"sharpness_ratio": (0.0, 4.0), "psnr": (15.0, 45.0), "ssim": (0.5, 1.0)}
+_HIST_RANGES = {"sharpness_ratio": (0.0, 4.0), "psnr": (15.0, 45.0), "ssim": (0.5, 1.0),
+                "psnr_in": (15.0, 45.0), "ssim_in": (0.5, 1.0),
+                "psnr_gain": (-5.0, 10.0), "ssim_gain": (-0.2, 0.4)}
+_GAINS = {"psnr_gain": ("psnr", "psnr_in"), "ssim_gain": ("ssim", "ssim_in")}
+"""A gain is per image: its output's figure minus its input's, against the same reference."""
 _BINS = 32
 
 
@@ -118,31 +122,59 @@ def _img(data: bytes | None, alt: str, kind: str = "jpeg") -> str:
     return f'<img src="data:image/{kind};base64,{encoded}" alt="{_text(alt)}">'
 
 
+def _gain(row: dict[str, Any], name: str) -> float | None:
+    after, before = row.get(name), row.get(f"{name}_in")
+    return None if after is None or before is None else after - before
+
+
+def _change(row: dict[str, Any], name: str, digits: int) -> str:
+    """``before → after (gain)`` for one sampled image; the output's figure alone for a job
+    recorded before inputs were measured."""
+    gain = _gain(row, name)
+    if gain is None:
+        return _fmt(row.get(name), digits)
+    return (f"{_fmt(row[f'{name}_in'], digits)} → {_fmt(row[name], digits)} "
+            f"({gain:+.{digits}f})")
+
+
 def _evaluation(hists: dict[str, Histogram], picks: list[dict[str, Any]]) -> str:
-    """PSNR/SSIM against the references (evaluation jobs): a distribution table, then the
-    sampled images with the worst PSNR. Empty when no row had a reference."""
-    psnr, ssim = hists["psnr"], hists["ssim"]
-    if not (psnr.n or ssim.n):
+    """PSNR/SSIM against the references (evaluation jobs): the inputs' (before) and the
+    outputs' (after) means and the gain, their distributions, then the sampled images, worst
+    gain first. Empty when no row had a reference."""
+    if not (hists["psnr"].n or hists["ssim"].n):
         return ""
-    head = ("<tr><th>metric</th><th>images</th><th>mean</th><th>min</th><th>p10</th>"
+    headline = "; ".join(
+        f"{label} {_fmt(hists[f'{name}_in'].mean, digits)} → {_fmt(hists[name].mean, digits)}"
+        f"{unit} (gain {hists[f'{name}_gain'].mean:+.{digits}f}{unit})"
+        for name, label, unit, digits in (("psnr", "PSNR", " dB", 2), ("ssim", "SSIM", "", 4))
+        if hists[f"{name}_gain"].n)
+    head = ("<tr><th>figure</th><th>images</th><th>mean</th><th>min</th><th>p10</th>"
             "<th>median</th><th>p90</th><th>max</th></tr>")
     rows = "".join(
-        f"<tr><th>{name}</th><td>{h.n}</td><td>{_fmt(h.mean, digits)}</td>"
+        f"<tr><th>{label}</th><td>{h.n}</td><td>{_fmt(h.mean, digits)}</td>"
         f"<td>{_fmt(h.low if h.n else None, digits)}</td>"
         + "".join(f"<td>≈{_fmt(h.quantile(q), digits)}</td>" for q in (0.1, 0.5, 0.9))
         + f"<td>{_fmt(h.high if h.n else None, digits)}</td></tr>"
-        for name, h, digits in (("PSNR (dB)", psnr, 2), ("SSIM", ssim, 4)))
+        for label, h, digits in (
+            ("PSNR input (dB)", hists["psnr_in"], 2), ("PSNR output (dB)", hists["psnr"], 2),
+            ("PSNR gain (dB)", hists["psnr_gain"], 2), ("SSIM input", hists["ssim_in"], 4),
+            ("SSIM output", hists["ssim"], 4), ("SSIM gain", hists["ssim_gain"], 4))
+        if h.n)
+    # Worst gain first (images recorded without an input figure last, by PSNR).
     worst = sorted((p for p in picks if p["status"] == "ok" and p.get("psnr") is not None),
-                   key=lambda p: p["psnr"])
+                   key=lambda p: (_gain(p, "psnr") is None, _gain(p, "psnr") or p["psnr"]))
     worst_rows = "".join(
-        f"<tr><td><code>{_text(p['key'])}</code></td><td>{_fmt(p['psnr'], 2)}</td>"
-        f"<td>{_fmt(p.get('ssim'), 4)}</td><td>{_fmt(p.get('sharpness_ratio'), 2)}</td></tr>"
+        f"<tr><td><code>{_text(p['key'])}</code></td><td>{_change(p, 'psnr', 2)}</td>"
+        f"<td>{_change(p, 'ssim', 4)}</td><td>{_fmt(p.get('sharpness_ratio'), 2)}</td></tr>"
         for p in worst)
-    return (f'<div id="evaluation"><h3>Against the references</h3><table>{head}{rows}</table>'
+    return (f'<div id="evaluation"><h3>Against the references</h3>'
+            + (f'<p class="gain">Input → output, means: {headline}</p>' if headline else "")
+            + f'<table>{head}{rows}</table>'
             f'<p>Quantiles (≈) are read off the histograms\' bins; min, max and mean are '
-            f'exact.</p><h3>Sampled images by PSNR, worst first</h3><table><tr><th>image</th>'
-            f'<th>PSNR (dB)</th><th>SSIM</th><th>sharpness ratio</th></tr>{worst_rows}'
-            f'</table></div>')
+            f'exact. A gain is per image: its output\'s figure minus its input\'s.</p>'
+            f'<h3>Sampled images by PSNR gain, worst first</h3><table><tr><th>image</th>'
+            f'<th>PSNR (dB): input → output (gain)</th><th>SSIM: input → output (gain)</th>'
+            f'<th>sharpness ratio</th></tr>{worst_rows}</table></div>')
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -164,7 +196,9 @@ def build(ledger: Any, samples_per_group: int = 4, seed: int | None = None,
         sample.add(table)
         ok = table.filter(pc.equal(table["status"], "ok"))
         for name, hist in hists.items():
-            hist.add(pc.drop_null(ok[name]).to_numpy(zero_copy_only=False).astype(float))
+            values = (pc.subtract(ok[_GAINS[name][0]], ok[_GAINS[name][1]]) if name in _GAINS
+                      else ok[name])
+            hist.add(pc.drop_null(values).to_numpy(zero_copy_only=False).astype(float))
     picks = write_pairs(ledger, sample.picks(), thumb_side)
     return _page(job, status, hists, picks, ledger.read_summary())
 
@@ -206,10 +240,11 @@ def _page(job: dict[str, Any], status: Any, hists: dict[str, Histogram],
                      f"{failure_rows}</table>" if failure_rows else "<p>No failed images.</p>")
 
     labels = {"sharpness_ratio": "Sharpness ratio (output / input)", "psnr": "PSNR (dB)",
-              "ssim": "SSIM"}
+              "ssim": "SSIM", "psnr_gain": "PSNR gain (dB, output - input)",
+              "ssim_gain": "SSIM gain (output - input)"}
     quality_parts = []
     for name, hist in hists.items():
-        if hist.n:
+        if hist.n and name in labels:
             quality_parts.append(f'<figure>{hist.svg(labels[name])}<figcaption>mean '
                                  f'{_fmt(hist.mean)}</figcaption></figure>')
     quality_html = ("".join(quality_parts) or "<p>No quality figures recorded.</p>") + \

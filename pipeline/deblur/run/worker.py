@@ -408,7 +408,8 @@ class ShardProcessor:
         item.done.set_result(row)
 
     def _measure(self, item: Item, output: np.ndarray) -> None:
-        """Sharpness before/after (sampled per config) and PSNR/SSIM against a reference."""
+        """Sharpness before/after (sampled per config) and PSNR/SSIM of the output and of the
+        input against a reference."""
         assert item.image is not None
         cfg = self.config.quality
         row = item.row
@@ -421,8 +422,10 @@ class ShardProcessor:
         if item.reference:
             try:
                 ref = self.codec.decode(self.storage.get(item.reference), item.reference)
-                row.update(psnr=quality.psnr(output, ref.pixels),
-                           ssim=quality.ssim(output, ref.pixels))
+                sharp, blurry = ref.pixels, item.image.pixels
+                # The input too, decoded here anyway: whether deblurring helped is the gain.
+                row.update(psnr=quality.psnr(output, sharp), ssim=quality.ssim(output, sharp),
+                           psnr_in=quality.psnr(blurry, sharp), ssim_in=quality.ssim(blurry, sharp))
             except (PipelineError, ValueError) as exc:
                 # The image itself is fine: keep it ok, leave the figures empty, say why.
                 log.warning("%s: no PSNR/SSIM against reference %s: %s", row["key"],

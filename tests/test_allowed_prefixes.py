@@ -133,3 +133,19 @@ def test_only_the_first_rows_decide(tmp_path: Path) -> None:
     manifest.write_text("/a/1.jpg\n/b/2.jpg\n")
     with pytest.raises(ManifestError, match="share no bucket or folder"):
         _reasons(str(manifest), str(tmp_path / "out"), storage)
+
+
+def test_a_dataset_planned_as_ray_tasks_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    storage = Storage()
+    folder = tmp_path / "inventory"
+    folder.mkdir()
+    for part in range(2):  # two files: plan_tasks plans them as Ray tasks
+        (folder / f"part-{part}.parquet").write_bytes(
+            _parquet([f"/elsewhere/raw/{part}-{i}.jpg" for i in range(3)]))
+    job = job_config(f"{folder}/*.parquet", str(tmp_path / "out"), str(tmp_path / "job"),
+                     plan_tasks=2)
+    with pytest.raises(ManifestError, match=r"all 6 rows of the manifest .* all lie under "
+                                            r"/elsewhere/raw/\. .*--allow-prefix /elsewhere/raw/"):
+        Ledger.create(storage, job, job_id="tasks", model_info={})
+    assert not _ray_started()
+    assert not (tmp_path / "job").exists() or not list((tmp_path / "job").iterdir())

@@ -625,16 +625,16 @@ class RowPlanner:
             return uri, "", would_overwrite(uri, out_uri), key, out_rel
         return uri, out_uri, None, key, out_rel
 
-    def check_outside(self) -> None:
+    def check_outside(self, total: int | None = None) -> None:
         """Refuse a manifest whose first OUTSIDE_CHECK_ROWS rows (or all, if fewer) all lie
         outside the allowed prefixes: a missing ``--allow-prefix``, not hostile entries. Only
-        the planner that read from the manifest's first row can tell (``first_row``)."""
+        the planner that read from the manifest's first row can tell (``first_row``).
+        ``total``: the manifest's rows once known (its end read, or its footers)."""
         checked = min(self.counts.rows, OUTSIDE_CHECK_ROWS)
         if self.first_row != 0 or not checked or self.outside < checked:
             return
         folder = self.outside_folder or ""
-        what = "all" if checked == self.counts.rows else f"the first {checked:,}"
-        rows = f"{what} {self.counts.rows:,} rows" if what == "all" else f"{what} rows"
+        rows = (f"all {total:,} rows" if total == checked else f"the first {checked:,} rows")
         if folder in ("", "s3://", "/"):  # no bucket or folder in common
             where = "share no bucket or folder"
             fix = "pass --allow-prefix once for each bucket or folder they name"
@@ -779,7 +779,7 @@ def _planned(batches: Iterator[pa.RecordBatch], planner: RowPlanner,
                 planner.index(provisional, inputs, outputs)
         finally:
             spool.close()
-        planner.check_outside()  # a manifest shorter than OUTSIDE_CHECK_ROWS
+        planner.check_outside(planner.counts.rows)  # one shorter than OUTSIDE_CHECK_ROWS
         planner.spilled = inputs.spilled + outputs.spilled
         planner.spool_bytes = os.path.getsize(spool.path) if os.path.exists(spool.path) else 0
         duplicates = find_duplicates(inputs, KeyReader(spool, "key"))

@@ -33,6 +33,7 @@ from deblur.errors import ManifestError
 from deblur.io.storage import Storage, as_folder
 from deblur.job.dedup import DigestIndex, digest64, find_duplicates
 from deblur.job.manifest import (
+    OUTSIDE_CHECK_ROWS,
     SHARD_SCHEMA,
     PlanCounts,
     RowPlanner,
@@ -66,12 +67,13 @@ def plan_in_tasks(config: JobConfig, storage: Storage, files: list[str],
 
     from deblur.cluster import start_ray
 
-    start_ray(config)
     base, literal, rows = _layout(config, storage, files)
     offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
     options = dict(base=base, destination=config.destination, codec_config=config.codec,
                    literal=literal, **planner_options(config.source, config.destination,
                                                       config))
+    _check_first_rows(storage, options, files, int(offsets[-1]))
+    start_ray(config)
     task = ray.remote(num_cpus=1, max_retries=2)(_task)
     files_rows = [(f, int(offsets[i]), int(rows[i])) for i, f in enumerate(files) if rows[i]]
 
@@ -121,6 +123,20 @@ def plan_in_tasks(config: JobConfig, storage: Storage, files: list[str],
         write(storage, shard, pa.concat_tables(tables))
     counts.shards = -(-counts.rows // config.shard_size)
     return counts
+
+
+def _check_first_rows(storage: Storage, options: dict[str, Any], files: list[str],
+                      total: int) -> None:
+    """Plan the dataset's first OUTSIDE_CHECK_ROWS rows here, before Ray starts: a manifest
+    whose rows all lie outside the allowed prefixes is refused as one process would refuse
+    it (``RowPlanner.check_outside``), not from inside a task."""
+    planner = RowPlanner(**options)
+    for uri in files:
+        for batch in _parse(uri, open_file(storage, uri)):
+            planner.provisional(batch.slice(0, OUTSIDE_CHECK_ROWS - planner.counts.rows))
+            if planner.counts.rows >= OUTSIDE_CHECK_ROWS:
+                return
+    planner.check_outside(total)
 
 
 def _within(rows: np.ndarray, first: int, n: int) -> np.ndarray:

@@ -59,7 +59,8 @@ def test_log_lines_are_escaped(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_hostile_keys_never_reach_the_terminal(tmp_path: Path) -> None:
-    src, out = tmp_path / "src", tmp_path / "out"
+    # The destination is named by the user too, and shown by list, status and the run.
+    src, out = tmp_path / "src", tmp_path / "out\x1b[2J\u202eevil"
     src.mkdir()
     (src / "fine.jpg").write_bytes(jpeg(40, 32, 1))
     (src / "\u202eright.jpg").write_bytes(jpeg(40, 32, 2))  # valid: processed ok
@@ -80,10 +81,10 @@ def test_hostile_keys_never_reach_the_terminal(tmp_path: Path) -> None:
 
     run = deblur("run", str(src), str(out), "--random-weights", "--metrics-port", "0",
                  "--shard-size", "2", code=1)
-    job_root = next(line.split("job root:", 1)[1].strip()
-                    for line in run.stdout.splitlines() if "job root:" in line)
-    log_path = next(line.split("log:", 1)[1].strip()
-                    for line in run.stdout.splitlines() if line.strip().startswith("log:"))
+    job = next((out / "_deblur").iterdir())
+    job_root = str(job)
+    assert f"job root: {tmp_path}/out\\x1b[2J\\u202eevil/_deblur/{job.name}/" in run.stdout
+    log_path = str(job / "logs" / "driver.log")
     shown = {
         "run": run.stdout + run.stderr,
         "status": said("status", job_root),

@@ -136,7 +136,9 @@ MetricsPort = Annotated[int | None, typer.Option(
 FollowLinks = Annotated[bool, typer.Option(
     "--follow-links", help="Read symlinks in a local SOURCE that resolve outside it.")]
 AllowPrefix = Annotated[list[str] | None, typer.Option(
-    "--allow-prefix", metavar="PREFIX", help="Manifest entries must lie under one (repeatable).")]
+    "--allow-prefix", metavar="PREFIX",
+    help="Manifest URIs must lie under one (repeatable); default: the manifest's bucket or "
+         "folder, SOURCE, DESTINATION.")]
 OverwriteInputs = Annotated[bool, typer.Option(
     "--overwrite-inputs", help="Allow DEST == SOURCE (originals kept in the job root).")]
 

@@ -786,8 +786,9 @@ class ActorPool:
             what = (f"nodes offering {self._demand_text(wanted)} exist but stayed busy, or the "
                     f"worker is still loading its model")
         return (f"no worker started: {what} for {waited:.0f} s (each worker asks for "
-                f"{self._demand_text()}); add such nodes or let the autoscaler (its max "
-                f"workers) provide them, lower worker.gpus_per_worker/cpus_per_worker, or raise "
+                f"{self._demand_text(self.shown_demand)}); add such nodes or let the "
+                f"autoscaler (its max workers) provide them, lower "
+                f"worker.gpus_per_worker/cpus_per_worker, or raise "
                 f"scheduler.worker_start_timeout_s")
 
 class ShardTimeoutError(Exception):

@@ -33,9 +33,11 @@ def cpu_job_ray(tmp_path_factory: pytest.TempPathFactory):
     ledger = make_job(str(root), files, shard_size=2, **{
         "scheduler.min_workers": 1, "scheduler.max_workers": 1,
         "scheduler.shards_per_worker": 1, "worker.io_threads": 1, "metrics.enabled": False})
+    started = not ray.is_initialized()  # a Ray another module left up is used as it is
     start_ray(ledger.config())  # as the driver does: logical GPUs on a machine without CUDA
     yield ledger
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def test_cpu_only_first_screen_names_what_the_worker_waits_for(cpu_job_ray) -> None:

@@ -124,6 +124,14 @@ def build() -> dict[str, Any]:
                     "storage"),
               query(f"sum(rate(deblur_shard_retries_total{{{JOB}}}[$__rate_interval]))",
                     "shards", ref="B")),
+        panel(ts, "Against the references: PSNR input → output (evaluation jobs)", "dB",
+              query(f"max by (job_id, image) (deblur_reference_psnr_db{{{JOB}}})",
+                    "{{job_id}} {{image}}"),
+              query(f"max by (job_id) (deblur_reference_psnr_gain_db{{{JOB}}})",
+                    "{{job_id}} gain", ref="B"),
+              description="Jobs whose manifest has a reference column: mean PSNR of the "
+                          "inputs and of the outputs against the references, and the gain "
+                          "(did deblurring help). Empty for other jobs."),
     ]
 
     datasource = (db.DatasourceVariable("datasource").label("Data source").type("prometheus"))

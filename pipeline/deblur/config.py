@@ -34,6 +34,8 @@ RETRY_MODES = ("standard", "adaptive", "legacy")
 MODEL_NAMES = ("mimo-unet", "mimo-unet-plus", "mimo-unet-plusplus")
 """The registry's names (pipeline/deblur/model MODELS; a test keeps the two equal), here so a config
 is checked without importing torch."""
+SCENE_MODEL = "deblurgs"
+"""The scene job type (pipeline/deblur/scene): DeblurGS, fitted per scene, no weights."""
 
 
 def tile_side(tile_pixels: int) -> int:
@@ -51,7 +53,8 @@ class ModelConfig:
     """Which network runs and how."""
 
     name: str = "mimo-unet"
-    """Registry name: mimo-unet, mimo-unet-plus, mimo-unet-plusplus."""
+    """Registry name: mimo-unet, mimo-unet-plus, mimo-unet-plusplus; or deblurgs, the scene
+    job type (a folder of scene folders in, the ``scene:`` section applies)."""
     weights: str | None = None
     """URI of the checkpoint (local path, file://, s3://). Required unless random_weights."""
     random_weights: bool = False
@@ -80,9 +83,16 @@ class ModelConfig:
     """auto (cuda when available), cpu or cuda."""
 
     def validate(self) -> None:
+        if self.name == SCENE_MODEL:  # fitted per scene from its views: no network settings
+            if self.weights or self.random_weights:
+                raise ConfigError(f"model.name={SCENE_MODEL} fits each scene from its views: "
+                                  "drop --weights / --random-weights")
+            if self.device not in ("auto", "cpu", "cuda"):
+                raise ConfigError(f"model.device={self.device!r}: choose auto, cpu or cuda")
+            return
         if self.name not in MODEL_NAMES:
             raise ConfigError(f"model.name={self.name!r}: unknown model; choose one of "
-                              f"{', '.join(MODEL_NAMES)}")
+                              f"{', '.join(MODEL_NAMES + (SCENE_MODEL,))}")
         if not self.weights and not self.random_weights:
             raise ConfigError(
                 "no model weights given: pass --weights URI (e.g. the authors' MIMO-UNet.pkl), "

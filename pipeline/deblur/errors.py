@@ -131,3 +131,12 @@ class DeviceFaultError(PipelineError):
 class WorkerUnhealthyError(PipelineError):
     """The worker's engine stopped (a device fault or a bug in its thread); the shards it held
     must be retried on another worker, never committed from this one."""
+
+
+class SceneError(ImageError):
+    """A scene (a DeblurGS unit of work) cannot be fitted; every view of it becomes a failed
+    row with this reason.
+
+    Reasons: ``no_poses``, ``too_few_views``, ``bad_scene``, ``corrupt`` (a view that does not
+    decode), ``non_finite_loss``, ``out_of_memory``.
+    """

@@ -5,13 +5,20 @@ Fixtures: a real moto S3 server on 127.0.0.1 (HTTP, the real boto3 client), a fr
 Helpers (plain functions, imported as ``from tests.conftest import ...``): free loopback
 ports, noise images and their encoded bytes (JPEG makers), job configurations and planned
 jobs, stand-in models, and a Storage that reports its reads.
+
+Test tiers: ``scripts/test.sh --quick`` runs the tests marked none of ``QUICK_EXCLUDES``. Two
+hooks here keep that tier honest as tests are added (see "test tiers" below).
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +42,114 @@ _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
 
+# -- test tiers ------------------------------------------------------------------------------
+# The quick tier (`scripts/test.sh --quick`, `-m QUICK_MARKEXPR`) is every test that needs no
+# Ray, no server and no training. Two hooks keep it that way without anyone remembering to:
+# - at collection, a test that uses a fixture starting a server or Ray (directly or through
+#   another fixture) is marked `integration`: SERVER_FIXTURES names them;
+# - at run time, a test left unmarked that still starts Ray (in this process or in any child:
+#   every Ray session lands under this run's private RAY_TMPDIR), runs one of SERVER_PROGRAMS
+#   or connects to the moto server (asked for by name with `getfixturevalue`, which collection
+#   cannot see) fails at teardown, naming what it used and the mark it needs.
+# The second check runs in the full suite too, so CI catches a test that would rot the tier.
+
+QUICK_EXCLUDES = ("integration", "slow", "train")
+QUICK_MARKEXPR = " and ".join(f"not {mark}" for mark in QUICK_EXCLUDES)
+#: Fixtures that start a server or Ray; a test module's own such fixture belongs here too.
+SERVER_FIXTURES = frozenset({"moto_server", "shared_ray", "local_ray", "cluster",
+                             "autoscaling_cluster", "head", "prometheus"})
+#: Programs that are servers or external tools (installed by scripts/install_tools.sh).
+SERVER_PROGRAMS = frozenset({"prometheus", "promtool", "chromium", "helm", "ray"})
+
+
+class _Watch:
+    """What the test now running has used (fed by the audit hook and the Ray temp dir)."""
+
+    item: pytest.Item | None = None
+    used: list[str] = []
+    servers: dict[tuple[str, int], str] = {}  # address -> name, of servers this process runs
+    sessions: set[str] = set()
+    ray_up = False
+
+
+def _ray_sessions() -> set[str]:
+    return set(glob.glob(os.path.join(os.environ["RAY_TMPDIR"], "ray", "session_2*")))
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _Watch.item is None:
+        return
+    if event == "subprocess.Popen":  # (executable, args, cwd, env)
+        argv = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        program = os.path.basename(os.fsdecode(args[0] or argv[0]))
+        if program in SERVER_PROGRAMS:
+            _Watch.used.append(program)
+    elif event == "socket.connect" and isinstance(args[1], tuple):  # (socket, address)
+        server = _Watch.servers.get(args[1][:2])
+        if server is not None:
+            _Watch.used.append(server)
+
+
+_OWN_RAY_TMPDIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A private Ray temp dir: new sessions in it are this run's (the check above), and Ray
+    # runs of other suites on the machine stay apart. Short, under /tmp: Ray's socket paths
+    # below it must stay within the 107 bytes a Unix socket name allows.
+    if "RAY_TMPDIR" not in os.environ:
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+        config.stash[_OWN_RAY_TMPDIR] = os.environ["RAY_TMPDIR"]
+    if not getattr(sys, "_deblur_tier_audit", False):  # audit hooks cannot be removed: once
+        sys.addaudithook(_audit)
+        sys._deblur_tier_audit = True  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_RAY_TMPDIR, None)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
+        os.environ.pop("RAY_TMPDIR", None)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    # Before any fixture of the test (module-scoped ones included) is set up.
+    if item.get_closest_marker("integration") is None:
+        _Watch.item, _Watch.used = item, []
+        _Watch.sessions, _Watch.ray_up = _ray_sessions(), _ray_initialized()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    if call.when != "teardown" or _Watch.item is not item:
+        return
+    _Watch.item = None
+    used = sorted(set(_Watch.used))
+    if len(_ray_sessions() - _Watch.sessions) or (_ray_initialized() and not _Watch.ray_up):
+        used.append("Ray")
+    if used:
+        report = outcome.get_result()
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} used {', '.join(used)} but is not marked integration, so "
+            f"the quick tier (-m '{QUICK_MARKEXPR}') runs it: mark it "
+            "@pytest.mark.integration (or use a fixture in SERVER_FIXTURES, tests/conftest.py)")
+
+
 # -- servers and roots ---------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -51,11 +166,13 @@ def moto_server() -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
+    _Watch.servers[(host, port)] = "moto"
     saved = {k: os.environ.get(k) for k in [*_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(_ENV)
     os.environ["AWS_ENDPOINT_URL"] = url
     yield url
     server.stop()
+    _Watch.servers.pop((host, port), None)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -71,7 +188,7 @@ def s3_bucket(moto_server: str) -> str:
     return f"s3://{name}"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The test runs twice: under a local folder and under a prefix of a fresh S3 bucket."""
     if request.param == "s3":

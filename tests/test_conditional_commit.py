@@ -88,7 +88,7 @@ def _committer(job_root: str, endpoint: str | None, who: int, start: object,
     out.put(sorted(claimed))  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("store", ["local", "s3"])
+@pytest.mark.parametrize("store", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_concurrent_commits_of_one_shard_merge(store: str, tmp_path: object,
                                                request: pytest.FixtureRequest) -> None:
     if store == "s3":

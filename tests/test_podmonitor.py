@@ -24,6 +24,7 @@ KUBERAY_RELABELING = {"action": "replace",
                       "targetLabel": "ray_io_cluster"}
 
 
+@pytest.mark.integration  # renders the chart with helm
 def test_every_pod_metrics_endpoint_relabels_the_ray_cluster() -> None:
     monitors = by_kind(render(), "PodMonitor")
     assert {m["metadata"]["name"] for m in monitors} == {"t-deblur-head", "t-deblur-workers"}

@@ -194,6 +194,7 @@ def test_loss_is_multiscale_l1_plus_fft() -> None:
     assert float(total) == pytest.approx(0.1 + 0.1 * dc, rel=1e-4)
 
 
+@pytest.mark.train
 def test_loss_decreases_over_a_few_steps(sharp_folder: str) -> None:
     from deblur.model import create_model
     from deblur.train.data import load_images
@@ -214,6 +215,7 @@ def test_loss_decreases_over_a_few_steps(sharp_folder: str) -> None:
 # -- checkpoints, the job path, resume ----------------------------------------------------
 
 
+@pytest.mark.train
 def test_checkpoint_runs_in_the_job_path_like_the_trained_model(sharp_folder: str,
                                                                 tmp_path: Path) -> None:
     from safetensors import safe_open
@@ -247,6 +249,7 @@ def test_checkpoint_runs_in_the_job_path_like_the_trained_model(sharp_folder: st
     assert provenance(config)["weights"] == str(weights)
 
 
+@pytest.mark.train
 def test_best_held_out_weights_are_kept_beside_the_last(sharp_folder: str,
                                                          tmp_path: Path) -> None:
     from safetensors import safe_open
@@ -262,6 +265,7 @@ def test_best_held_out_weights_are_kept_beside_the_last(sharp_folder: str,
     assert float(meta["holdout_psnr"]) == pytest.approx(best["holdout_psnr"])
 
 
+@pytest.mark.train
 def test_stopped_run_resumes_at_its_step_and_ends_where_an_unbroken_one_does(
         sharp_folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     unbroken, broken = tmp_path / "a", tmp_path / "b"
@@ -283,6 +287,7 @@ def test_stopped_run_resumes_at_its_step_and_ends_where_an_unbroken_one_does(
     assert (broken / "model.safetensors").exists()
 
 
+@pytest.mark.train
 def test_resume_with_other_settings_is_refused(sharp_folder: str, tmp_path: Path) -> None:
     from deblur.errors import ConfigError
 
@@ -292,6 +297,7 @@ def test_resume_with_other_settings_is_refused(sharp_folder: str, tmp_path: Path
         check_resumable(tiny(out, sharp_folder, steps=5))
 
 
+@pytest.mark.train
 def test_init_fine_tunes_from_a_checkpoint(sharp_folder: str, tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     train_here(tiny(first, sharp_folder, steps=1))
@@ -303,6 +309,7 @@ def test_init_fine_tunes_from_a_checkpoint(sharp_folder: str, tmp_path: Path) ->
 
 
 @pytest.mark.integration
+@pytest.mark.train
 def test_data_checkpoints_and_weights_in_s3(sharp_folder: str, s3_bucket: str) -> None:
     from deblur.config import ModelConfig
     from deblur.io.storage import get_storage
@@ -353,6 +360,7 @@ def test_missing_data_fails_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.train
 def test_two_ray_train_workers_step_like_one_process_with_the_averaged_gradient(
         sharp_folder: str, tmp_path: Path) -> None:
     import ray
@@ -418,6 +426,7 @@ def test_shipped_checkpoint_loads_in_the_job_path_and_deblurs(tmp_path: Path) ->
 
 
 @pytest.mark.integration
+@pytest.mark.train
 def test_ray_train_progress_reaches_the_terminal_once_without_ray_noise(
         sharp_folder: str, tmp_path: Path) -> None:
     """`deblur train` as a user runs it: each progress line once (Ray Train's print patch

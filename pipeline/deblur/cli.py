@@ -131,6 +131,9 @@ JobId = Annotated[str | None, typer.Option(
     help="Id for a new job (default: UTC time + random); names the default job root.")]
 Resume = Annotated[bool, typer.Option(
     "--resume", help="Finish the job at --job-root with its stored config (pool flags apply).")]
+NoWait = Annotated[bool, typer.Option(
+    "--no-wait", help="Refuse at once while another driver's lease is live, instead of "
+                      "waiting to see whether it is renewed (for scripts).")]
 MetricsPort = Annotated[int | None, typer.Option(
     help="Port of the driver's Prometheus /metrics (0: a free one).")]
 FollowLinks = Annotated[bool, typer.Option(
@@ -174,6 +177,7 @@ def run(
     job_root: JobRoot = None,
     job_id: JobId = None,
     resume: Resume = False,
+    no_wait: NoWait = False,
     address: Address = None,
     min_workers: MinWorkers = None,
     max_workers: MaxWorkers = None,
@@ -208,7 +212,7 @@ def run(
     now = {**_pool_overrides(address, min_workers, max_workers, gpus_per_worker, max_batch),
            "metrics.port": metrics_port}
     code = _guard(_run_job, job, resume=resume, out=out, job_id=job_id, force=force,
-                  overrides=now)
+                  overrides=now, wait=not no_wait)
     raise typer.Exit(code)
 
 
@@ -287,12 +291,14 @@ def _over_stored(ledger: Any, overrides: dict[str, Any]) -> Any:
 
 
 def _run_job(job: Any, *, resume: bool, out: _Output, job_id: str | None = None,
-             force: bool = False, overrides: dict[str, Any] | None = None) -> int:
+             force: bool = False, overrides: dict[str, Any] | None = None,
+             wait: bool = True) -> int:
     from deblur.run.driver import open_or_plan
     from deblur.io.storage import get_storage
 
     storage = get_storage(job.storage)
-    ledger = open_or_plan(job, storage, resume=resume, job_id=job_id, force=force)
+    ledger = open_or_plan(job, storage, resume=resume, job_id=job_id, force=force, wait=wait,
+                          on_wait=_countdown(out))
     run_config = _over_stored(ledger, overrides or {})
     status = ledger.status()
     shards = sorted(set(ledger.shard_ids()) - ledger.done_shards())
@@ -418,26 +424,40 @@ def rerun(
     max_workers: MaxWorkers = None,
     gpus_per_worker: GpusPerWorker = None,
     max_batch: MaxBatch = None,
+    no_wait: NoWait = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
     log_level: LogLevel = None,
     as_json: AsJson = False,
 ) -> None:
-    """Process the job's pending shards and failed rows only; ok outputs are not rewritten."""
+    """Process the job's pending shards and failed rows only; ok outputs are not rewritten.
+
+    Right after a driver died: its lease is taken over at once when it ran on this host,
+    otherwise waited out (a live driver renews it, and the rerun then refuses)."""
     out = _output(quiet, verbose, log_level, as_json)
     code = _guard(_rerun, job_root, _pool_overrides(address, min_workers, max_workers,
-                                                    gpus_per_worker, max_batch), out)
+                                                    gpus_per_worker, max_batch), out,
+                  wait=not no_wait)
     raise typer.Exit(code)
 
 
-def _rerun(job_root: str, overrides: dict[str, Any], out: _Output) -> int:
+def _countdown(out: _Output) -> Any:
+    """The live line shown while waiting out another driver's lease (none with -q)."""
+    from deblur.console import LeaseCountdown
+
+    return None if out.quiet else LeaseCountdown(sys.stderr)
+
+
+def _rerun(job_root: str, overrides: dict[str, Any], out: _Output, *, wait: bool = True
+           ) -> int:
     from deblur.job.ledger import Ledger
     from deblur.run.driver import check_model
 
     ledger = Ledger.open_recorded(job_root)
     job = _over_stored(ledger, overrides)
     check_model(ledger, job)  # before the lease and Ray: a bad model writes nothing
-    ledger.acquire_lease(job.scheduler.lease_ttl_s)  # refuses while another driver is live
+    # The same takeover as run --resume (job/lease.py): a dead local driver's at once.
+    ledger.acquire_lease(job.scheduler.lease_ttl_s, wait=wait, on_wait=_countdown(out))
     ledger.clear_cancel()
     index = ledger.index()  # one read of the index serves both
     status = ledger.status(index)

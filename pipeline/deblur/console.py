@@ -201,6 +201,36 @@ class ProgressView:
                 self.live = None
 
 
+class LeaseCountdown:
+    """The one live line shown while rerun or run --resume waits out another driver's lease:
+    redrawn in place on a terminal, a plain line every ``interval`` s otherwise. Called with
+    the seconds left, then with None when the wait ends (the line is erased)."""
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None,
+                 interval: float = PLAIN_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval, self.clock = interval, clock
+        self.last_plain: float | None = None
+
+    @staticmethod
+    def line(left: float) -> str:
+        return f"waiting for the previous driver's lease: {hms(left)} left; Ctrl-C to stop"
+
+    def __call__(self, left: float | None) -> None:
+        if self.tty:
+            # \r and erase-line: the line is redrawn in place, and gone once the wait ends.
+            self.stream.write("\r\x1b[2K" + ("" if left is None else self.line(left)))
+        elif left is not None:
+            now = self.clock()
+            if self.last_plain is not None and now - self.last_plain < self.interval:
+                return
+            self.last_plain = now
+            self.stream.write(self.line(left) + "\n")
+        self.stream.flush()
+
+
 # -- logging -----------------------------------------------------------------------------------
 
 

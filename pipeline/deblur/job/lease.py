@@ -3,11 +3,21 @@
 claim.json is created first when planning (put-if-absent): of two drivers planning into one
 job root, the one that loses the claim writes nothing.
 
-lease.json says a driver is working on the job: holder id and expiry (now + ttl), renewed
-every ttl/3 by a ``LeaseKeeper`` and deleted when the run ends. Resume and rerun refuse a
-live lease held by another driver and take over an expired one (a killed driver). Takeovers
-and renewals are a compare-and-swap on the version read (``Storage.put_if_match``): of two
-takers exactly one wins, and a driver presumed dead cannot renew over its successor's lease.
+lease.json says a driver is working on the job: holder id, the process that holds it (host,
+pid, the process's start time) and expiry (now + ttl), renewed every ttl/3 by a
+``LeaseKeeper`` and deleted when the run ends. Another driver's lease is
+
+- stale at once when its holder ran on this host (same kernel boot and pid namespace) and
+  that process no longer exists, or its pid now belongs to another process (another start
+  time): a driver killed here (SIGKILL, a crashed terminal) is taken over without waiting;
+- otherwise (another host, or a process that is still there) waited out, with a countdown,
+  when the caller waits (`rerun`, `run --resume`): a live driver renews within ttl/3, and a
+  renewal seen while waiting refuses; a lease that runs out unrenewed is taken over. Without
+  waiting (``--no-wait``) a live lease refuses at once.
+
+Takeovers and renewals are a compare-and-swap on the version read (``Storage.put_if_match``):
+of two takers exactly one wins, and a driver presumed dead cannot renew over its successor's
+lease.
 
 The ledger (``job/ledger.py``) names the objects; this module only knows how to hold them.
 """
@@ -23,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from deblur.errors import AlreadyExistsError, ConfigError, ConflictError, NotFoundError
@@ -50,6 +61,51 @@ def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def this_machine() -> str | None:
+    """This kernel boot and pid namespace, or None where /proc cannot say (not Linux).
+
+    Two processes with the same value see the same pids, so one can tell whether the other
+    still runs. A host name alone cannot: a container or a restarted pod may share it.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}"
+
+
+def process_started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/PID/stat field 22), or
+    None when no such process exists. Raises OSError when /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Field 2 (the command name, in parentheses) may hold spaces: count after the last ")".
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        raise OSError(f"cannot read the start time of process {pid}") from None
+
+
+def holder_gone(lease: Lease) -> str | None:
+    """Why ``lease``'s driver certainly no longer runs, or None when that cannot be told
+    from here (another host, no process identity recorded) or it still runs."""
+    if lease.pid is None or lease.machine is None or lease.machine != this_machine():
+        return None
+    try:
+        started = process_started(lease.pid)
+    except OSError:
+        return None
+    if started is None:
+        return f"its process {lease.pid} on this host no longer exists"
+    if lease.pid_started is not None and started != lease.pid_started:
+        return f"pid {lease.pid} on this host is another process now"
+    return None
+
+
 @dataclass(frozen=True)
 class Lease:
     """The content of lease.json: which driver works on the job, and until when."""
@@ -59,6 +115,13 @@ class Lease:
     destination: str
     acquired_at: float
     expires_at: float
+    host: str = ""
+    """The holder's host name (for people: ``holder_gone`` compares ``machine``)."""
+    machine: str | None = None
+    """``this_machine()`` of the holder: its kernel boot and pid namespace."""
+    pid: int | None = None
+    pid_started: int | None = None
+    """``process_started(pid)`` when the lease was taken: a reused pid starts at another time."""
 
     @property
     def live(self) -> bool:
@@ -70,17 +133,23 @@ class Lease:
     def to_json(self) -> bytes:
         return json.dumps({"holder": self.holder, "job_id": self.job_id,
                            "destination": self.destination, "acquired_at": self.acquired_at,
-                           "expires_at": self.expires_at}).encode()
+                           "expires_at": self.expires_at, "host": self.host,
+                           "machine": self.machine, "pid": self.pid,
+                           "pid_started": self.pid_started}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Lease:
         """Parse lease.json; an unreadable one reads as expired (it can be taken over)."""
         found = json_object(data) or {}
         try:
+            pid, started = found.get("pid"), found.get("pid_started")
             return cls(holder=str(found["holder"]), job_id=str(found.get("job_id", "")),
                        destination=str(found.get("destination", "")),
                        acquired_at=float(found.get("acquired_at", 0.0)),
-                       expires_at=float(found["expires_at"]))
+                       expires_at=float(found["expires_at"]), host=str(found.get("host", "")),
+                       machine=found.get("machine") or None,
+                       pid=int(pid) if pid is not None else None,
+                       pid_started=int(started) if started is not None else None)
         except (KeyError, TypeError, ValueError):
             return cls(holder="(unreadable lease.json)", job_id="", destination="",
                        acquired_at=0.0, expires_at=0.0)
@@ -115,37 +184,50 @@ class LeaseFile:
         return self.read_tagged()[0]
 
     def live(self) -> Lease | None:
-        """The lease of a driver working on the job now (unexpired), or None."""
+        """The lease of a driver working on the job now, or None: an expired lease, or one
+        whose holder is gone from this host (``holder_gone``), is no driver's."""
         lease = self.read()
-        return lease if lease is not None and lease.live else None
+        if lease is None or not lease.live or holder_gone(lease) is not None:
+            return None
+        return lease
 
     def acquire(self, ttl: float, *, job_id: str | None = None,
-                destination: str | None = None, wait_silent: bool = False) -> Lease:
+                destination: str | None = None, wait: bool = False,
+                on_wait: Callable[[float | None], None] | None = None) -> Lease:
         """Hold lease.json for ``ttl`` seconds (renew it if this process holds it already).
 
-        Raises ConfigError while another driver holds a live lease; takes over an expired one
-        with a compare-and-swap on the version read (of two takers exactly one wins), and
-        renews its own the same way (a renewal after another driver took over fails).
-
-        ``wait_silent`` (resuming): a live lease is watched until it expires instead of being
-        refused at once. A live driver renews every ttl/3, so a renewal seen while waiting
-        refuses within that time; a lease that runs out unrenewed belonged to a dead driver
-        (a killed pod, a resubmitted job) and is taken over, at most one ttl later.
+        Another driver's lease is taken over at once when it expired or its holder is gone
+        from this host (``holder_gone``). A live one refuses with ConfigError, unless
+        ``wait`` (rerun, run --resume): then it is watched until it runs out unrenewed (taken
+        over, at most one ttl later) or is renewed (a live driver renews every ttl/3; refused
+        then), ``on_wait(seconds_left)`` called about once a second meanwhile and
+        ``on_wait(None)`` when the wait ends. A takeover, like a renewal, is a
+        compare-and-swap on the version read: of two takers exactly one wins, and a renewal
+        after another driver took over fails.
         """
         holder = self.holder or new_holder()
         current, current_tag = self.read_tagged()
-        if (wait_silent and current is not None and current.holder != holder
-                and current.live):
-            current, current_tag = self._wait_for_silent(current)
+        gone: str | None = None
+        if current is not None and current.holder != holder and current.live:
+            gone = holder_gone(current)
+            if gone is None and wait:
+                current, current_tag, gone = self._wait_out(current, on_wait)
         if current is not None and current.holder != holder:
-            if current.live:
+            if current.live and gone is None:
                 until = when(current.expires_at)
+                advice = ("its lease was renewed while this one waited, so that driver is "
+                          "alive: let it finish" if wait else
+                          f"without --no-wait, rerun and run --resume wait for it (a dead "
+                          f"driver's lease runs out by {until})")
                 raise ConfigError(
                     f"another driver is running this job ({self.job_root}): {current.holder} "
-                    f"holds its lease until {until}; wait or, if it is dead, wait until "
-                    f"{until} and retry (`deblur cancel {self.job_root}` stops a live one)")
-            log.warning("taking over the lease of %s, which expired at %s (driver gone)",
-                        current.holder, when(current.expires_at))
+                    f"holds its lease until {until}; {advice} "
+                    f"(`deblur cancel {self.job_root}` stops a live one)")
+            if gone is not None:
+                log.warning("taking over the lease of %s at once: %s", current.holder, gone)
+            else:
+                log.warning("taking over the lease of %s, which expired at %s (driver gone)",
+                            current.holder, when(current.expires_at))
         now = time.time()
         if current is not None and current.holder == holder:
             # A renewal names the same job; while planning there is no job.json to read yet.
@@ -155,8 +237,14 @@ class LeaseFile:
             recorded_id, recorded_destination = self._job_of()
             job_id = recorded_id if job_id is None else job_id
             destination = recorded_destination if destination is None else destination
+        pid = os.getpid()
+        try:
+            started = process_started(pid)
+        except OSError:
+            started = None
         lease = Lease(holder=holder, job_id=job_id, destination=destination,
-                      acquired_at=now, expires_at=now + ttl)
+                      acquired_at=now, expires_at=now + ttl, host=socket.gethostname(),
+                      machine=this_machine(), pid=pid, pid_started=started)
         try:
             if current is None:
                 self.storage.put_if_absent(self.uri, lease.to_json())
@@ -173,21 +261,31 @@ class LeaseFile:
         self.holder = holder
         return lease
 
-    def _wait_for_silent(self, current: Lease, poll_s: float = 1.0
-                         ) -> tuple[Lease | None, str | None]:
-        """Watch another driver's live lease until it expires or is renewed (then returned
-        as found: live, so the caller refuses)."""
-        log.warning("the job at %s is held by %s until %s: waiting to see whether that driver "
-                    "is alive (a live one renews its lease)", self.job_root, current.describe(),
-                    when(current.expires_at))
+    def _wait_out(self, current: Lease, on_wait: Callable[[float | None], None] | None,
+                  poll_s: float = 1.0) -> tuple[Lease | None, str | None, str | None]:
+        """Watch another driver's live lease until it expires, its holder is gone from this
+        host, or it changes (renewed, released or taken: returned as found, so the caller
+        decides on what is there). Returns (lease, its tag, why its holder is gone)."""
+        log.info("the job at %s is held by %s until %s: waiting to see whether that driver "
+                 "is alive (a live one renews its lease)", self.job_root, current.describe(),
+                 when(current.expires_at))
         expires = current.expires_at
-        while True:
-            time.sleep(min(poll_s, max(0.0, expires - time.time()) + 0.1))
-            found, found_tag = self.read_tagged()
-            if found is None or found.holder != current.holder or found.expires_at != expires:
-                return found, found_tag  # renewed, released or taken: decide on what is there
-            if not found.live:
-                return found, found_tag
+        try:
+            while True:
+                left = max(0.0, expires - time.time())
+                if on_wait is not None:
+                    on_wait(left)
+                time.sleep(min(poll_s, left + 0.1))
+                found, found_tag = self.read_tagged()
+                if (found is None or found.holder != current.holder
+                        or found.expires_at != expires):
+                    return found, found_tag, None
+                gone = holder_gone(found)
+                if gone is not None or not found.live:
+                    return found, found_tag, gone
+        finally:
+            if on_wait is not None:
+                on_wait(None)
 
     def renew(self, ttl: float) -> Lease:
         """Push our lease's expiry to now + ttl; ConfigError if another driver took it."""

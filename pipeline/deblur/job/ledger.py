@@ -40,7 +40,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -663,10 +663,12 @@ class Ledger:
         return self.lease.live()
 
     def acquire_lease(self, ttl: float, *, job_id: str | None = None,
-                      destination: str | None = None, wait_silent: bool = False) -> Lease:
-        """``LeaseFile.acquire`` on this job's lease.json."""
-        return self.lease.acquire(ttl, job_id=job_id, destination=destination,
-                                  wait_silent=wait_silent)
+                      destination: str | None = None, wait: bool = False,
+                      on_wait: Callable[[float | None], None] | None = None) -> Lease:
+        """``LeaseFile.acquire`` on this job's lease.json: another driver's lease is taken
+        over at once when its holder is gone from this host, waited out with ``wait``."""
+        return self.lease.acquire(ttl, job_id=job_id, destination=destination, wait=wait,
+                                  on_wait=on_wait)
 
     def renew_lease(self, ttl: float) -> Lease:
         return self.lease.renew(ttl)

@@ -76,13 +76,17 @@ class StopSignals(threading.Event):
 
 
 def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
-                 job_id: str | None = None, force: bool = False) -> Ledger:
+                 job_id: str | None = None, force: bool = False, wait: bool = True,
+                 on_wait: Callable[[float | None], None] | None = None) -> Ledger:
     """Plan a new job, or (with ``resume``) reopen the one already at ``config.job_root``.
 
     ``job_id`` names a new job (``deblur submit`` picks it so the job root is known before the
     cluster starts); default: UTC time + random. The returned ledger holds the job's lease
-    (``execute`` keeps renewing it): resuming refuses a job another live driver holds. A new
-    job whose destination overlaps that of a live job is refused unless ``force``.
+    (``execute`` keeps renewing it). Resuming takes over a lease whose driver is gone from
+    this host at once, and waits out another live one (``wait``; ``on_wait`` shows the
+    countdown): taken over if nobody renews it, refused if renewed, refused at once without
+    ``wait``. A new job whose destination overlaps that of a live job is refused unless
+    ``force``.
     """
     from deblur.errors import ConfigError
     from deblur.model.weights import provenance
@@ -98,7 +102,7 @@ def open_or_plan(config: JobConfig, storage: Any, *, resume: bool,
                 f"`deblur rerun {config.job_root}` to retry its failed rows")
         ledger = Ledger.open(storage, config.job_root)
         check_model(ledger)  # before the lease: a bad model writes nothing
-        ledger.acquire_lease(ttl, wait_silent=True)  # a dead driver's lease runs out
+        ledger.acquire_lease(ttl, wait=wait, on_wait=on_wait)
         ledger.clear_cancel()  # resuming is the operator's answer to an earlier cancel
         return ledger
     if resume and config.job_root is None:

@@ -68,11 +68,15 @@ from deblur.model import STRIDE, create_model
 from deblur.model.weights import load_model
 from deblur.run.inference import Deblurrer, pick_dtype, reflect_pad, round_up
 
-ROWS = ("model", "compile", "deblurrer", "worker", "ray", "authors", "codec", "plus",
-        "precision", "memory")
+ROWS = ("model", "compile", "deblurrer", "worker", "ray", "graphs", "authors", "codec",
+        "precision", "memory", "plus")
 NEEDS_CUDA = "skipped: needs CUDA"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-MIN_IMAGES_PER_RUN = 32  # each timed run of a model row covers at least this many images
+IMAGES_PER_RUN = 32  # each timed run of a model row covers at least this many images
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mimo-unet-synthetic.safetensors"
+DRY_RUN = {"size": "48x64", "images": 8, "batches": "2", "repeat": 1, "compile_batch": 2,
+           "plus_batch": 1, "graphs_images": 1, "shard_size": 4, "images_per_run": 2}
+"""What --dry-run sets: sizes at which every row runs on a 2-core CPU in about a minute."""
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -95,11 +99,13 @@ class Row:
 class Table:
     """Collects rows as they are measured, prints each at once, writes the JSON after each."""
 
-    def __init__(self, header: dict[str, Any], out: str | None) -> None:
-        self.header, self.out = header, out
+    def __init__(self, header: dict[str, Any], out: str | None,
+                 jsonl: str | None = None) -> None:
+        self.header, self.out, self.jsonl = header, out, jsonl
         self.rows: list[Row] = []
         self.reference: Row | None = None
         self.device_hours: str | None = None
+        self.targets: list[dict[str, Any]] = []
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -136,16 +142,73 @@ class Table:
         return "\n".join(lines)
 
     def write(self) -> None:
-        if not self.out:
-            return
-        data = {"header": self.header,
-                "reference": self.reference.key if self.reference else None,
-                "rows": [dataclasses.asdict(r) for r in self.rows],
-                "device_hours_row": self.device_hours}
-        tmp = f"{self.out}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-        os.replace(tmp, self.out)
+        if self.out:
+            data = {"header": self.header,
+                    "reference": self.reference.key if self.reference else None,
+                    "rows": [dataclasses.asdict(r) for r in self.rows],
+                    "targets": self.targets, "device_hours_row": self.device_hours}
+            _replace_file(self.out, json.dumps(data, indent=2, default=str))
+        if self.jsonl:  # one object a line: the header, each row, each target
+            lines = [{"kind": "header", **self.header,
+                      "reference": self.reference.key if self.reference else None}]
+            lines += [{"kind": "row", **dataclasses.asdict(r)} for r in self.rows]
+            lines += [{"kind": "target", **t} for t in self.targets]
+            _replace_file(self.jsonl, "".join(json.dumps(line, default=str) + "\n"
+                                              for line in lines))
+
+
+def _replace_file(path: str, text: str) -> None:
+    """Written whole after every row, so a run cut short still leaves what it measured."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def targets(table: Table, bench: Bench) -> list[dict[str, Any]]:
+    """The issue's targets, from rows of this run: end to end >= 0.9x the compiled model alone
+    and >= 40x the authors' loop; the engine's precision within 1 level mean, 2 max of fp32."""
+    ok = {r.key: r for r in table.rows if r.status == "ok" and r.images_per_s}
+    cpu = "" if bench.cuda else " (CPU: not a GPU figure)"
+    e2e = ok.get("ray.nvjpeg") or ok.get("ray.pillow")
+    out: list[dict[str, Any]] = []
+
+    def add(what: str, value: float | None, goal: str, met: bool | None, basis: str) -> None:
+        out.append({"target": what, "value": value, "goal": goal, "met": met,
+                    "basis": basis + cpu})
+
+    ref = table.reference if table.reference and table.reference.images_per_s else None
+    ratio = e2e.images_per_s / ref.images_per_s if e2e and ref else None  # type: ignore[operator]
+    add("deblur run end to end / compiled model alone", ratio, ">= 0.9",
+        None if ratio is None else ratio >= 0.9,
+        f"{e2e.key if e2e else 'no ray row'} / {ref.key if ref else 'no compile row'}")
+    authors = ok.get("authors")
+    ratio = e2e.images_per_s / authors.images_per_s if e2e and authors else None  # type: ignore[operator]
+    add("deblur run end to end / the authors' loop", ratio, ">= 40",
+        None if ratio is None else ratio >= 40,
+        f"{e2e.key if e2e else 'no ray row'} / {'authors' if authors else 'no authors row'}")
+    name = dtype_name(bench.engine_dtype)
+    parity = next((r for r in table.rows if r.key == f"precision.{name}" and r.status == "ok"),
+                  None)
+    if parity is not None:
+        mean, peak = parity.extra["mean_levels"], parity.extra["max_levels"]
+        add(f"{name} (the engine's precision) vs fp32", mean, "<= 1 level mean, <= 2 max",
+            mean <= 1 and peak <= 2, f"precision.{name}: mean {mean:.3f}, max {peak}")
+    else:
+        add(f"{name} (the engine's precision) vs fp32", None, "<= 1 level mean, <= 2 max",
+            None, f"precision.{name} not measured")
+    return out
+
+
+def targets_text(items: list[dict[str, Any]]) -> str:
+    lines = ["| target | value | goal | met | from |", "|---|---|---|---|---|"]
+    for t in items:
+        value = "—" if t["value"] is None else (f"{t['value']:.2f}x" if "/" in t["target"]
+                                                else f"{t['value']:.3f}")
+        met = {True: "yes", False: "**no**", None: "—"}[t["met"]]
+        lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} | {t['basis']} |")
+    return "\n".join(lines)
 
 
 def fmt_rate(value: float | None) -> str:
@@ -292,18 +355,22 @@ def forward_rate(bench: Bench, name: str, batch: int, dtype: torch.dtype, channe
     torch.manual_seed(0)
     model = create_model(name).to(device, dtype, memory_format=memory)
     forward: Callable[[torch.Tensor], Any] = model
-    if compile_mode is not None:
-        forward = torch.compile(model, mode=compile_mode)
+    if compile_mode is not None and bench.args.dry_run and not bench.cuda:
+        # Inductor on a CPU takes a minute a graph: the dry run traces with dynamo only.
+        forward = torch.compile(model, backend="eager", dynamic=False)
+    elif compile_mode is not None:
+        forward = torch.compile(model, mode=compile_mode, dynamic=False)
     h, w = padded(bench)
     x = torch.rand(batch, 3, h, w, device=device, dtype=dtype).contiguous(memory_format=memory)
-    calls = max(1, math.ceil(min(MIN_IMAGES_PER_RUN, bench.args.images) / batch))
+    calls = max(1, math.ceil(min(bench.args.images_per_run, bench.args.images) / batch))
 
     def step() -> None:
         with torch.inference_mode():
             for _ in range(calls):
                 forward(x)[2]
 
-    warmup = 3 if compile_mode is not None else 2 if device.type == "cuda" else 1
+    warmup = (1 if bench.args.dry_run else 3 if compile_mode is not None
+              else 2 if device.type == "cuda" else 1)
     return measure(step, calls * batch, device, bench.args.repeat, warmup=warmup)
 
 
@@ -316,7 +383,7 @@ def row_model(bench: Bench, table: Table) -> None:
     model = create_model("mimo-unet").to(device)
     h, w = padded(bench)
     x = torch.rand(1, 3, h, w, device=device)
-    count = max(1, min(MIN_IMAGES_PER_RUN, bench.args.images))
+    count = max(1, min(bench.args.images_per_run, bench.args.images))
 
     def authors() -> None:  # their eval.py: fp32, batch 1, no_grad, one image at a time
         for _ in range(count):
@@ -359,14 +426,21 @@ def row_compile(bench: Bench, table: Table) -> None:
                 f"batch {batch}{bench.cpu_check}")
         key = f"compile.{mode}"
         fresh(bench.device, reset=True)
+        before = _compile_seconds()
         try:
             rate, warm_s = forward_rate(bench, "mimo-unet", batch, dtype, True, mode)
         except Exception as exc:  # noqa: BLE001
             table.add(error_row("compile", key, what, exc))
             continue
+        after = _compile_seconds()
+        compile_s = after - before if after is not None and before is not None else None
+        dry = ("dry run: dynamo's eager backend stands in for inductor; "
+               if bench.args.dry_run and not bench.cuda else "")
         row = table.add(Row("compile", key, what, rate,
-                            notes=f"compile + warm-up {warm_s:.0f} s"
-                                  f"{'; reference row' if i == 0 else ''}"))
+                            notes=f"{dry}compile + warm-up {warm_s:.0f} s"
+                                  f"{f' (compiling {compile_s:.1f} s)' if compile_s else ''}"
+                                  f"{'; reference row' if i == 0 else ''}",
+                            extra={"compile_s": compile_s, "warm_s": warm_s}))
         if i == 0:
             table.reference = row
     fresh(bench.device, reset=True)
@@ -414,7 +488,7 @@ def warm_engine(deblurrer: Any, height: int, width: int, job: JobConfig, cuda: b
 
 
 def row_deblurrer(bench: Bench, table: Table) -> None:
-    count = min(bench.base.batch.max_batch, bench.args.images)
+    count = min(bench.base.batch.max_batch, bench.args.images, bench.args.images_per_run)
     images = bench.decoded(count)
     deblurrer, warmed = bench.deblurrer()
     what = (f"Deblurrer.deblur on {count} decoded uint8 images (upload, pad, forward, download), "
@@ -425,20 +499,31 @@ def row_deblurrer(bench: Bench, table: Table) -> None:
                   notes=f"{_engine_label(bench, deblurrer)}; {warmed}"))
     if not hasattr(deblurrer, "launch"):
         return
-    batches = 8  # the engine's way: batch k+1 queued on the device before batch k is collected
+    # The engine's way: batch k+1 queued on the device before batch k is collected.
+    batches = 2 if bench.args.dry_run else 8
 
-    def pipelined() -> None:
-        pending = deblurrer.launch(images)
+    def pipelined(batch: list[Any]) -> None:
+        pending = deblurrer.launch(batch)
         for _ in range(batches - 1):
-            following = deblurrer.launch(images)
+            following = deblurrer.launch(batch)
             pending()
             pending = following
         pending()
 
-    rate, _ = measure(pipelined, count * batches, bench.device, bench.args.repeat, warmup=1)
+    rate, _ = measure(lambda: pipelined(images), count * batches, bench.device,
+                      bench.args.repeat, warmup=1)
     table.add(Row("deblurrer", "deblurrer-pipelined",
                   f"Deblurrer.launch, {batches} batches of {count}, each queued before the one "
                   f"before it is collected (the engine's pipelining), {bench.size}", rate,
+                  notes=_engine_label(bench, deblurrer)))
+    # nvJPEG's path: the decoded images are tensors on the device and so are the outputs; no
+    # pixel crosses the bus (on the CPU the same packing code runs on CPU tensors).
+    tensors = [torch.from_numpy(img).to(bench.device) for img in images]
+    rate, _ = measure(lambda: pipelined(tensors), count * batches, bench.device,
+                      bench.args.repeat, warmup=1)
+    table.add(Row("deblurrer", "deblurrer-device",
+                  f"Deblurrer.launch as above on {bench.device.type} tensors (nvJPEG's "
+                  f"device-resident path: no upload, no download), {bench.size}", rate,
                   notes=_engine_label(bench, deblurrer)))
 
 
@@ -482,9 +567,17 @@ def row_worker(bench: Bench, table: Table) -> None:
 
     job, storage, ledger = _plan(bench, "worker")
     deblurrer, warmed = bench.deblurrer()
-    processor = ShardProcessor(job, deblurrer.deblur, "bench-gpu", storage)
+    cuda = bench.cuda
+    # Wired as build_processor wires the actor's: pipelined launch and, with nvJPEG, pixels
+    # kept on the device.
+    processor = ShardProcessor(job, deblurrer.deblur, "bench-gpu", storage,
+                               fp32_reruns=lambda: deblurrer.fp32_reruns,
+                               infer_tiled=deblurrer.deblur_tiled,
+                               launch=deblurrer.launch if cuda else None, device_pixels=cuda)
     codec_name = getattr(getattr(processor, "codec", None), "name", "pillow (deblur.io.codec)")
     in_flight = job.scheduler.shards_per_worker
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
         busy_before = processor.engine.busy_seconds
         start = time.perf_counter()
@@ -494,23 +587,21 @@ def row_worker(bench: Bench, table: Table) -> None:
         wall = time.perf_counter() - start
         busy = processor.engine.busy_seconds - busy_before
     finally:
-        processor.decode_pool.shutdown(wait=False)
-        processor.encode_pool.shutdown(wait=False)
-        close = getattr(getattr(processor, "codec", None), "close", None)
-        if close is not None:
-            close()
+        _close_processor(processor)
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
     ok = sum(r["ok"] for r in reports)
     failed = sum(r["failed"] for r in reports)
     share = busy_share([r["metrics"] for r in reports])
     notes = (f"{ok} ok / {failed} failed in {len(reports)} shards of {job.shard_size}; engine "
              f"busy {busy / wall:.0%} of the run (Σbusy_s/Σwall_s over shards "
              f"{share:.0%}); codec: {codec_name}; {_engine_label(bench, deblurrer)}; "
-             f"{warmed}")
+             f"{warmed}{f'; GPU memory peak {peak / 2**30:.2f} GiB' if peak else ''}")
     table.add(Row("worker", "worker", f"ShardProcessor without Ray, {in_flight} shards in "
-                  f"flight, local storage, {bench.size} JPEG", ok / wall, notes=notes,
+                  f"flight, local storage, {bench.size} JPEG q90", ok / wall, notes=notes,
                   status="ok" if failed == 0 else "error",
                   extra={"busy_share": busy / wall, "shard_busy_share": share, "ok": ok,
-                         "failed": failed}))
+                         "failed": failed, "codec": codec_name,
+                         "gpu_memory_peak_bytes": peak}))
 
 
 def _bench_actor(record_dir: str, height: int, width: int, warm: bool) -> Any:
@@ -548,34 +639,90 @@ def _bench_actor(record_dir: str, height: int, width: int, warm: bool) -> Any:
     return ray.remote(BenchWorker)
 
 
+def _nvjpeg_unusable(bench: Bench) -> str | None:
+    """Why the nvJPEG rows cannot run here, or None."""
+    if not bench.cuda:
+        return "nvJPEG needs CUDA"
+    try:
+        import torchvision.io  # noqa: F401 - the optional extra (deblur[gpu])
+    except Exception as exc:  # noqa: BLE001 - absent, or a build that does not match torch
+        return (f"torchvision unusable ({type(exc).__name__}: {one_line_text(exc)}); "
+                f"scripts/gpu_check.sh prints the pip command")
+    return None
+
+
+def one_line_text(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def _ray_variants(bench: Bench) -> list[tuple[str, str, str]]:
+    """(key, codec.backend, label note) of each Ray row: Pillow, then nvJPEG. Without nvJPEG
+    the second runs with Pillow in a dry run (the same code, labelled) and is skipped in a
+    real run (with the reason)."""
+    variants = [("ray.pillow", "pillow", "codec.backend=pillow")]
+    unusable = _nvjpeg_unusable(bench)
+    if unusable is None:
+        variants.append(("ray.nvjpeg", "nvjpeg", "codec.backend=nvjpeg"))
+    elif bench.args.dry_run:
+        variants.append(("ray.nvjpeg", "pillow", f"dry run: {unusable}, so this row ran the "
+                         f"same code with codec.backend=pillow [not an nvJPEG figure]"))
+    else:
+        variants.append(("ray.nvjpeg", "", f"skipped: {unusable}"))
+    return variants
+
+
 def row_ray(bench: Bench, table: Table) -> None:
+    """`deblur run`'s path through Ray (start_ray, open_or_plan, execute), 1 worker actor,
+    local storage, once per codec, in one Ray session."""
     import ray
 
     from deblur.cluster import start_ray
     from deblur.run.driver import execute
 
     bench.drop_engine()  # the actor needs the GPU memory this process holds
-    job, _, ledger = _plan(bench, "ray")
     via_config = bench.cuda and "warm_shapes" in {f.name for f in dataclasses.fields(ModelConfig)}
-    if via_config:  # the worker compiles every batch size before it reports ready
-        job = replace(job, model=replace(job.model, warm_shapes=(
-            f"{bench.height}x{bench.width}",)))
-    record_dir = bench.tmp / "ray-reports"
-    record_dir.mkdir(exist_ok=True)
-    start_ray(job)
+    started = False
     try:
-        first_ready: list[float] = []
-
-        def on_progress(progress: Any) -> None:
-            if progress.workers_active and not first_ready:
-                first_ready.append(time.monotonic())
-
-        outcome = execute(job, ledger, ledger.shard_ids(), ledger.status().pending, on_progress,
-                          _bench_actor(str(record_dir), bench.height, bench.width,
-                                       warm=bench.cuda and not via_config))
-        end = time.monotonic()
+        for key, backend, label in _ray_variants(bench):
+            what = (f"deblur run through Ray (local storage), 1 worker, "
+                    f"codec.backend={key.split('.')[1]}, {bench.size} JPEG q90")
+            if not backend:
+                table.add(Row("ray", key, what, status="skipped", notes=label))
+                continue
+            job, _, ledger = _plan(bench, key.replace(".", "-"))
+            job = replace(job, codec=replace(job.codec, backend=backend))
+            if via_config:  # the worker compiles every batch size before it reports ready
+                job = replace(job, model=replace(job.model, warm_shapes=(
+                    f"{bench.height}x{bench.width}",)))
+            record_dir = bench.tmp / f"ray-reports-{key}"
+            record_dir.mkdir(exist_ok=True)
+            if not started:
+                start_ray(job)
+                started = True
+            try:
+                _ray_run(bench, table, key, what, label, job, ledger, record_dir, via_config,
+                         execute)
+            except Exception as exc:  # noqa: BLE001 - the other codec's row still runs
+                traceback.print_exc()
+                table.add(error_row("ray", key, what, exc))
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def _ray_run(bench: Bench, table: Table, key: str, what: str, label: str, job: JobConfig,
+             ledger: Any, record_dir: Path, via_config: bool, execute: Callable[..., Any]
+             ) -> None:
+    first_ready: list[float] = []
+
+    def on_progress(progress: Any) -> None:
+        if progress.workers_active and not first_ready:
+            first_ready.append(time.monotonic())
+
+    outcome = execute(job, ledger, ledger.shard_ids(), ledger.status().pending, on_progress,
+                      _bench_actor(str(record_dir), bench.height, bench.width,
+                                   warm=bench.cuda and not via_config))
+    end = time.monotonic()
     status = outcome.status
     rate = status.ok / (end - first_ready[0]) if first_ready else None
     summary = ledger.read_summary() or {}
@@ -590,12 +737,15 @@ def row_ray(bench: Bench, table: Table) -> None:
     # The device's own figure (NVML, read as each shard ended), beside the engine's busy share.
     device = [r["gpu_utilization"] for r in recorded if r.get("gpu_utilization") is not None]
     device_share = sum(device) / len(device) if device else None
+    peak = max((r.get("gpu_memory_bytes") or 0 for r in recorded), default=0)
     run = summary.get("run") or {}
     busy = (f"engine busy {share:.0%} (Σbusy_s/Σwall_s over shards, from {source})"
             if share is not None else "busy share: not in summary.json nor worker reports")
     notes = f"{status.ok} ok / {status.failed} failed; {busy}; "
     if device_share is not None:
         notes += f"GPU utilisation (NVML, mean at shard ends) {device_share:.0%}; "
+    if peak:
+        notes += f"GPU memory peak {peak / 2**30:.2f} GiB; "
     if via_config:
         warmed = "worker warmed by model.warm_shapes before ready"
     elif warm:
@@ -606,12 +756,121 @@ def row_ray(bench: Bench, table: Table) -> None:
     notes += (f"timed from first worker ready ({warmed}); driver's own images/s incl. start "
               f"{run.get('images_per_s') or 0:.1f}; codec: {', '.join(codecs) or '?'}; "
               f"{_engine_label(bench)}")
-    table.add(Row("ray", "ray", f"deblur run through Ray (local storage), 1 worker, "
-                  f"{bench.size} JPEG", rate, notes=notes,
+    if label.startswith("dry run"):
+        notes = f"{label}; {notes}"
+    table.add(Row("ray", key, what, rate, notes=notes,
                   status="ok" if status.failed == 0 and outcome.complete else "error",
                   extra={"busy_share": share, "busy_source": source, "summary_run": run,
-                         "gpu_utilization": device_share,
-                         "ok": status.ok, "failed": status.failed}))
+                         "gpu_utilization": device_share, "gpu_memory_peak_bytes": peak,
+                         "codec": codecs, "ok": status.ok, "failed": status.failed}))
+
+
+MIXED_SHAPES = ((720, 1280), (1080, 1920), (960, 1280), (1280, 720))
+"""HxW of the graphs row's mixed job: 720p, 1080p, 4:3 and portrait."""
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _compile_seconds() -> float | None:
+    """Seconds dynamo (and the backend it calls: inductor) spent compiling in this process so
+    far, from its own timers (None when this torch does not say)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        return float(dict(zip(names, values)).get("_compile.compile_inner", 0.0))
+    except Exception:  # noqa: BLE001 - an API that moves between releases
+        return None
+
+
+def row_graphs(bench: Bench, table: Table) -> None:
+    """Graphs compiled for a mixed-size job through ShardProcessor (720p, 1080p, 4:3,
+    portrait), the engine compiled as `deblur run` has it on CUDA: the recompile-storm check."""
+    from PIL import Image
+
+    from deblur.io.storage import get_storage
+    from deblur.run.driver import open_or_plan
+    from deblur.run.worker import ShardProcessor
+
+    per_shape = bench.args.graphs_images
+    if bench.cuda:
+        shapes, scale_note = MIXED_SHAPES, ""
+    else:  # the same four aspect ratios at a size a CPU dry run can afford
+        shapes = tuple((max(36, h // 20), max(36, w // 20)) for h, w in MIXED_SHAPES)
+        scale_note = " (1/20 scale on the CPU)"
+    what = (f"graphs compiled for a mixed job: {per_shape} images each of "
+            f"{', '.join(f'{w}x{h}' for h, w in shapes)}{scale_note}")
+    if not bench.cuda and not bench.args.dry_run:
+        table.add(Row("graphs", "graphs", what, status="skipped",
+                      notes=f"{NEEDS_CUDA} (the engine compiles on CUDA only; --dry-run runs "
+                            f"the same code with dynamo's eager backend)"))
+        return
+    bench.drop_engine()
+    source = bench.tmp / "mixed"
+    source.mkdir(exist_ok=True)
+    for n, (h, w) in enumerate(shapes):
+        rng = np.random.default_rng(n)
+        scene = motion_blur(make_scene(rng, h, w), 9, 30.0 * n)
+        for i in range(per_shape):
+            Image.fromarray(scene).save(source / f"s{n}-{i}.jpg", "JPEG", quality=90)
+    storage = get_storage(bench.base.storage)
+    job = replace(bench.base, source=str(source), destination=str(bench.tmp / "out-mixed"),
+                  shard_size=len(shapes) * per_shape,
+                  model=replace(bench.base.model, compile="on", warm_shapes=()))
+    ledger = open_or_plan(job, storage, resume=False)
+    torch.manual_seed(0)
+    fresh(bench.device, reset=True)
+    substitute = ""
+    if bench.cuda:
+        deblurrer = Deblurrer(load_model(job.model), job.model)
+    else:
+        # Dry run: inductor on a 2-core CPU takes a minute a graph. Dynamo with its eager
+        # backend makes the same graphs (one per bucket and power-of-two batch), without code
+        # generation, so the count is the engine's; the seconds are not inductor's.
+        deblurrer = Deblurrer(load_model(replace(job.model, compile="off")),
+                              replace(job.model, compile="off"))
+        deblurrer._compiled = torch.compile(deblurrer.model, backend="eager", dynamic=False)
+        substitute = "dry run: dynamo's eager backend stands in for inductor; "
+    graphs_before, seconds_before = _dynamo_graphs(), _compile_seconds()
+    cuda = bench.cuda
+    processor = ShardProcessor(job, deblurrer.deblur, "bench-graphs", storage,
+                               fp32_reruns=lambda: deblurrer.fp32_reruns,
+                               infer_tiled=deblurrer.deblur_tiled,
+                               launch=deblurrer.launch if cuda else None, device_pixels=cuda)
+    start = time.perf_counter()
+    try:
+        report = processor.process(ledger.job_root, 0, 0)
+    finally:
+        _close_processor(processor)
+    wall = time.perf_counter() - start
+    graphs = _dynamo_graphs() - graphs_before
+    seconds_after = _compile_seconds()
+    compile_s = (seconds_after - seconds_before
+                 if seconds_after is not None and seconds_before is not None else None)
+    batches = [size for size, _ in report["metrics"]["batches"]]
+    notes = (f"{substitute}{graphs} graphs for {len(shapes)} shapes; batches run {batches}; "
+             f"job wall {wall:.1f} s"
+             f"{f', compiling {compile_s:.1f} s of it' if compile_s is not None else ''}; "
+             f"{report['ok']} ok / {report['failed']} failed"
+             f"{'; eager fallback: ' + deblurrer.compile_error if deblurrer.compile_error else ''}")
+    table.add(Row("graphs", "graphs", what, notes=notes,
+                  status="ok" if report["failed"] == 0 else "error",
+                  extra={"graphs": graphs, "shapes": [list(s) for s in shapes],
+                         "batches": batches, "compile_s": compile_s, "wall_s": wall}))
+    del deblurrer
+    fresh(bench.device, reset=True)
+
+
+def _close_processor(processor: Any) -> None:
+    processor.decode_pool.shutdown(wait=False)
+    processor.encode_pool.shutdown(wait=False)
+    close = getattr(getattr(processor, "codec", None), "close", None)
+    if close is not None:
+        close()
 
 
 def row_authors(bench: Bench, table: Table) -> None:
@@ -621,7 +880,7 @@ def row_authors(bench: Bench, table: Table) -> None:
     device = bench.device
     bench.inputs()
     assert bench.input_dir is not None
-    count = max(1, min(8, bench.args.images))
+    count = max(1, min(8, bench.args.images_per_run, bench.args.images))
     paths = sorted(bench.input_dir.glob("*.jpg"))[:count]
     out_dir = bench.tmp / "authors-out"
     out_dir.mkdir(exist_ok=True)
@@ -747,9 +1006,13 @@ def row_precision(bench: Bench, table: Table) -> None:
                       "8-bit levels", status="skipped", notes=NEEDS_CUDA))
         return
     fresh(bench.device)
-    images = bench.decoded(max(1, min(4, bench.args.images)))
+    images = bench.decoded(max(1, min(4, bench.args.images_per_run, bench.args.images)))
     torch.manual_seed(0)
-    state = create_model("mimo-unet").state_dict()
+    weights = bench.base.model.weights
+    # Parity is a property of trained weights (random ones have other activation ranges).
+    state = (load_model(replace(bench.base.model, name="mimo-unet")).float().state_dict()
+             if weights else create_model("mimo-unet").state_dict())
+    which = f"weights {Path(weights).name}" if weights else "seeded (random) weights"
     outputs = {}
     reruns: dict[str, int] = {}
     off = {"compile": "off"} if bench.has_compile_field else {}
@@ -768,7 +1031,7 @@ def row_precision(bench: Bench, table: Table) -> None:
         mean, peak = float(diffs.mean()), int(diffs.max())
         share = float((diffs > 1).mean())
         table.add(Row("precision", f"precision.{precision}",
-                      f"{precision} vs fp32 output, same seeded (random) weights, "
+                      f"{precision} vs fp32 output, same {which}, "
                       f"{len(images)} images {bench.size}{bench.cpu_check}",
                       notes=f"mean {mean:.3f} / max {peak} levels of 255; "
                             f"{share:.2%} of values off by more than 1; "
@@ -816,7 +1079,8 @@ def row_memory(bench: Bench, table: Table) -> None:
 
 ROW_FUNCS: dict[str, Callable[[Bench, Table], None]] = {
     "model": row_model, "compile": row_compile, "deblurrer": row_deblurrer,
-    "worker": row_worker, "ray": row_ray, "authors": row_authors, "codec": row_codec,
+    "worker": row_worker, "ray": row_ray, "graphs": row_graphs, "authors": row_authors,
+    "codec": row_codec,
     "plus": row_plus, "precision": row_precision, "memory": row_memory,
 }
 
@@ -880,6 +1144,9 @@ def header(bench: Bench) -> dict[str, Any]:
         "git": _git_commit(), "size_wxh": bench.size, "images": bench.args.images,
         "batches": bench.batches, "repeat": bench.args.repeat,
         "engine": _engine_label(bench),
+        "weights": (Path(bench.base.model.weights).name if bench.base.model.weights
+                    else "random (seeded)"),
+        "dry_run": bench.args.dry_run,
         "command": "bench/gpu.py " + " ".join(bench.args.argv),
     }
 
@@ -926,10 +1193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=256,
                         help="images in the worker / ray / codec rows (and the cap of the "
                              "others' per-run counts)")
-    parser.add_argument("--batches", default="1,4,8,16,32",
+    parser.add_argument("--batches", default="8,16",
                         help="batch sizes of the eager model and memory rows")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
-    parser.add_argument("--model-compile-mode", default="default,reduce-overhead",
+    parser.add_argument("--model-compile-mode", default="default",
                         help="torch.compile modes of the compile row; the first is the "
                              "reference of the ratio column")
     parser.add_argument("--compile-batch", type=int, default=16)
@@ -948,6 +1215,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark = True for every row")
     parser.add_argument("--out", help="also write the table and header as JSON here")
+    parser.add_argument("--jsonl", help="also write the header, each row and each target as "
+                        "JSON lines here; {date} and {gpu} are filled in (scripts/gpu_check.sh: "
+                        "docs/benchmarks/gpu-{date}-{gpu}.jsonl)")
+    parser.add_argument("--weights", default=str(SHIPPED_WEIGHTS),
+                        help="checkpoint of the engine, worker, ray, graphs and precision rows "
+                             "(default: the shipped one); 'random' for seeded random weights")
+    parser.add_argument("--images-per-run", type=int, default=IMAGES_PER_RUN,
+                        help="images a timed run of a model-only row covers (at least)")
+    parser.add_argument("--graphs-images", type=int, default=3,
+                        help="images of each of the graphs row's four sizes")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every row's code on the CPU in about a minute (CI runs it): "
+                             f"{DRY_RUN['size']} images, {DRY_RUN['images']} of them, batches "
+                             f"{DRY_RUN['batches']}, one timed run; compilation traced by dynamo "
+                             "alone; CUDA-only rows run on the CPU (labelled) or say why not; "
+                             "exits 1 if any row fails")
     parser.add_argument("--device-hours-row", action="store_true",
                         help="print the THROUGHPUT entry for pipeline/deblur/job/estimate.py (printed "
                              "only; that file is not edited)")
@@ -957,6 +1240,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "figures)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    if args.dry_run:
+        for name, value in DRY_RUN.items():
+            setattr(args, name, value)
+        args.check_cuda_rows_on_cpu = True
     return args
 
 
@@ -976,8 +1263,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    overrides: dict[str, Any] = {
-        "model.random_weights": True, "scheduler.max_workers": 1, "metrics.port": 0}
+    overrides: dict[str, Any] = {"scheduler.max_workers": 1, "metrics.port": 0}
+    if args.weights == "random":
+        overrides["model.random_weights"] = True
+    elif not Path(args.weights).is_file():
+        raise SystemExit(f"--weights {args.weights}: no such file; give a checkpoint or 'random'")
+    else:
+        overrides["model.weights"] = str(Path(args.weights).resolve())
     if "compile" in fields and args.engine_compile is not None:
         overrides["model.compile"] = args.engine_compile
     if device.type == "cpu":  # the CPU model uses the threads the actor reserves
@@ -994,7 +1286,11 @@ def main(argv: list[str] | None = None) -> None:
                   base=base, has_compile_field="compile" in fields,
                   engine_dtype=pick_dtype(base.model, device), tmp=tmp)
     head = bench.header = header(bench)
-    table = Table(head, args.out)
+    jsonl = None
+    if args.jsonl:
+        jsonl = args.jsonl.replace("{date}", head["date"].split()[0]).replace(
+            "{gpu}", gpu_type(head["device"]))
+    table = Table(head, args.out, jsonl)
     print("# GPU table: bench/gpu.py")
     for key, value in head.items():
         print(f"# {key}: {value}")
@@ -1004,9 +1300,13 @@ def main(argv: list[str] | None = None) -> None:
               + ("; --check-cuda-rows-on-cpu runs some on the CPU as a code check"
                  if args.check_cuda_rows_on_cpu else ""))
     started = time.perf_counter()
+    interrupted: str | None = None
     try:
         for name in rows:
             spent = (time.perf_counter() - started) / 60
+            if interrupted:
+                table.add(Row(name, name, name, status="skipped", notes=interrupted))
+                continue
             if spent > args.max_minutes:
                 table.add(Row(name, name, name, status="skipped",
                               notes=f"skipped: --max-minutes {args.max_minutes:g} spent "
@@ -1019,17 +1319,25 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as exc:  # noqa: BLE001 - one row failing must not stop the rest
                 traceback.print_exc()
                 table.add(error_row(name, name, name, exc))
+            except KeyboardInterrupt:  # scripts/gpu_check.sh's time budget: print what we have
+                interrupted = "skipped: interrupted (the time budget ran out) before this row"
+                table.add(Row(name, name, name, status="skipped",
+                              notes="skipped: interrupted while it ran (the time budget ran "
+                                    "out)"))
             finally:
                 fresh(device)
             print(f"# row {name}: {time.perf_counter() - row_start:.1f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    table.targets = targets(table, bench)
     table.finish()
     print()
     print(f"GPU table, {head['device']}, {head['date']}, {bench.size}, torch {head['torch']}, "
           f"CUDA {head['cuda']} (total {time.perf_counter() - started:.0f} s):")
     print()
     print(table.markdown())
+    print()
+    print(targets_text(table.targets))
     if args.device_hours_row:
         table.device_hours = device_hours_row(bench, table)
         table.write()
@@ -1038,6 +1346,11 @@ def main(argv: list[str] | None = None) -> None:
         print(table.device_hours)
     if args.out:
         print(f"\n# JSON: {args.out}")
+    if jsonl:
+        print(f"\n# JSON lines: {jsonl}")
+    errors = [r.key for r in table.rows if r.status == "error"]
+    if args.dry_run and errors:  # the dry run is CI's check that no row's code has rotted
+        raise SystemExit(f"dry run: {len(errors)} rows failed: {', '.join(errors)}")
 
 
 if __name__ == "__main__":

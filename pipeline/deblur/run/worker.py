@@ -180,6 +180,11 @@ class ShardProcessor:
             engine's last resort for an image that ran out of memory (``Deblurrer.deblur_tiled``).
         launch: ``Deblurrer.launch`` on CUDA: the engine queues the next batch on the device
             before collecting the last one. None (CPU, stand-ins): each batch runs to the end.
+        device_pixels: ``infer``/``launch`` take torch tensors (``Deblurrer`` does) and give
+            tensor outputs for them: a codec that decodes on the device (nvJPEG) then keeps
+            its pixels there, so only compressed bytes cross the bus. Quality figures copy
+            the sampled images they need to the host.
+        codec_backend: the codec (default: ``make_codec``'s choice for the config).
     """
 
     def __init__(self, config: JobConfig,
@@ -188,7 +193,9 @@ class ShardProcessor:
                  fp32_reruns: Callable[[], int] = lambda: 0,
                  infer_tiled: Callable[[np.ndarray, int], np.ndarray] | None = None,
                  launch: Callable[[list[np.ndarray], tuple[int, int] | None],
-                                  Callable[[], list[np.ndarray]]] | None = None) -> None:
+                                  Callable[[], list[np.ndarray]]] | None = None,
+                 device_pixels: bool = False,
+                 codec_backend: codec.Codec | None = None) -> None:
         self.config = config
         self.fp32_reruns = fp32_reruns
         self.worker_id = worker_id
@@ -201,7 +208,10 @@ class ShardProcessor:
         # ... and in bytes, so a few huge images cannot take what 32 small ones would not.
         self.buffer = ByteBudget(config.worker.max_buffered_bytes or auto_buffer_bytes())
         # Pillow in-process or in a process pool, or nvJPEG on the GPU (io/codec_choice.py).
-        self.codec = make_codec(config.codec, config.model.device, config.worker.cpus_per_worker)
+        self.codec = codec_backend or make_codec(config.codec, config.model.device,
+                                                 config.worker.cpus_per_worker)
+        if device_pixels and hasattr(self.codec, "keep_on_device"):
+            self.codec.keep_on_device = True  # nvJPEG: decoded pixels stay on the GPU
         self.engine: Engine[Item] = Engine(infer, config, self._on_output, self._on_infer_error,
                                            infer_tiled=infer_tiled,
                                            on_abort=self._on_engine_abort,
@@ -414,7 +424,9 @@ class ShardProcessor:
         cfg = self.config.quality
         row = item.row
         if quality.sampled(row["row_id"], cfg.sharpness_sample_rate, cfg.seed):
-            lap_in, ten_in = quality.sharpness(item.image.pixels)
+            # Pixels kept on the GPU (nvJPEG) come to the host for the sampled rows only.
+            lap_in, ten_in = quality.sharpness(codec.host_pixels(item.image.pixels))
+            output = codec.host_pixels(output)
             lap_out, ten_out = quality.sharpness(output)
             row.update(sharpness_in=lap_in, sharpness_out=lap_out, tenengrad_in=ten_in,
                        tenengrad_out=ten_out,
@@ -422,7 +434,8 @@ class ShardProcessor:
         if item.reference:
             try:
                 ref = self.codec.decode(self.storage.get(item.reference), item.reference)
-                sharp, blurry = ref.pixels, item.image.pixels
+                output, sharp = codec.host_pixels(output), codec.host_pixels(ref.pixels)
+                blurry = codec.host_pixels(item.image.pixels)
                 # The input too, decoded here anyway: whether deblurring helped is the gain.
                 row.update(psnr=quality.psnr(output, sharp), ssim=quality.ssim(output, sharp),
                            psnr_in=quality.psnr(blurry, sharp), ssim_in=quality.ssim(blurry, sharp))
@@ -495,7 +508,9 @@ def build_processor(config: JobConfig, worker_id: str) -> ShardProcessor:
                           fp32_reruns=lambda: deblurrer.fp32_reruns,
                           infer_tiled=deblurrer.deblur_tiled,
                           # On a CPU nothing runs asynchronously: pipelining would only delay.
-                          launch=deblurrer.launch if deblurrer.device.type == "cuda" else None)
+                          launch=deblurrer.launch if deblurrer.device.type == "cuda" else None,
+                          # On CUDA, nvJPEG's pixels go to the engine without a host bounce.
+                          device_pixels=deblurrer.device.type == "cuda")
 
 
 def worker_name() -> str:

@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,8 +57,8 @@ _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret
 QUICK_EXCLUDES = ("integration", "slow", "train")
 QUICK_MARKEXPR = " and ".join(f"not {mark}" for mark in QUICK_EXCLUDES)
 #: Fixtures that start a server or Ray; a test module's own such fixture belongs here too.
-SERVER_FIXTURES = frozenset({"moto_server", "shared_ray", "local_ray", "cluster",
-                             "autoscaling_cluster", "head", "prometheus"})
+SERVER_FIXTURES = frozenset({"moto_server", "shared_ray", "cluster", "autoscaling_cluster",
+                             "head", "prometheus"})
 #: Programs that are servers or external tools (installed by scripts/install_tools.sh).
 SERVER_PROGRAMS = frozenset({"prometheus", "promtool", "chromium", "helm", "ray"})
 
@@ -121,11 +122,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    # The users of the shared Ray run one after another (from where the first one stood, in
+    # their order): the shared Ray starts once, not once per stretch between other tests.
+    sharing = [item for item in items if "shared_ray" in getattr(item, "fixturenames", ())]
+    if sharing:
+        first, shared = items.index(sharing[0]), set(sharing)
+        rest = [item for item in items if item not in shared]
+        items[:] = rest[:first] + sharing + rest[first:]
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     # Before any fixture of the test (module-scoped ones included) is set up.
+    if _SharedRay.up and "shared_ray" not in getattr(item, "fixturenames", ()):
+        _SharedRay.stop()  # this test may start a Ray of its own (a cluster, a `ray start`)
     if item.get_closest_marker("integration") is None:
         _Watch.item, _Watch.used = item, []
         _Watch.sessions, _Watch.ray_up = _ray_sessions(), _ray_initialized()
@@ -178,6 +188,46 @@ def moto_server() -> Iterator[str]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+class _SharedRay:
+    """The session's in-process Ray, while it is up (started by the first `shared_ray`)."""
+
+    up = False
+
+    @classmethod
+    def stop(cls) -> None:
+        import ray
+
+        ray.shutdown()
+        cls.up = False
+
+
+@pytest.fixture(scope="session")
+def _shared_ray_session(moto_server: str) -> Iterator[None]:
+    yield
+    if _SharedRay.up:  # before moto stops: its workers hold clients of it
+        _SharedRay.stop()
+
+
+@pytest.fixture()
+def shared_ray(_shared_ray_session: None) -> Iterator[ModuleType]:
+    """One in-process Ray for the tests that run their jobs or pools in this process and own
+    nothing of Ray's beyond their actors (which their pool kills): starting Ray costs several
+    seconds on 2 cores, so they share one. 3 CPUs and 2 logical GPUs: what `start_ray` gives
+    two workers on a CPU-only machine. Started after moto, so its workers inherit the AWS_*
+    environment; a test that does not use it finds no Ray in this process (a test that
+    builds its own cluster or runs `ray start` must not meet it). Yields the ``ray`` module."""
+    import ray
+
+    if not _SharedRay.up:
+        if ray.is_initialized():  # left behind by an earlier test: not ours to lend
+            ray.shutdown()
+        ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False,
+                 configure_logging=False, log_to_driver=False)
+        _SharedRay.up = True
+    yield ray
+    assert _SharedRay.up and ray.is_initialized(), "a test shut the shared Ray down"
 
 
 @pytest.fixture()

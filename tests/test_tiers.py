@@ -57,6 +57,27 @@ def test_a_test_using_a_server_fixture_is_left_out_of_the_quick_tier(tmp_path: P
     assert collected == {"test_plain", "test_both_stores[local]"}, done.stdout
 
 
+def test_the_users_of_the_shared_ray_run_one_after_another(tmp_path: Path) -> None:
+    """The shared Ray is stopped before any test that does not use it (that test may start
+    a Ray of its own), so its users are collected together: it starts once."""
+    done = _pytest(tmp_path, """
+        def test_a(shared_ray):
+            pass
+
+        def test_b():
+            pass
+
+        def test_c(shared_ray):
+            pass
+
+        def test_d():
+            pass
+    """, "--collect-only")
+    assert done.returncode == 0, done.stdout + done.stderr
+    order = [line.split("::")[-1] for line in done.stdout.splitlines() if "::" in line]
+    assert order == ["test_a", "test_c", "test_b", "test_d"], done.stdout
+
+
 def test_an_unmarked_test_that_runs_a_server_program_fails_naming_it(tmp_path: Path) -> None:
     """Only the program's name matters to the check (it sees every subprocess start), so a
     harmless program called `helm` stands for the real one."""

@@ -66,17 +66,7 @@ def test_no_gpu_anywhere_ends_the_run_naming_it(tmp_path: Path) -> None:
     assert snapshot["last_snapshot"]["workers_pending"] == 1
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_a_resource_no_node_has_ends_the_run_and_shows_as_pending(local_ray,
+def test_a_resource_no_node_has_ends_the_run_and_shows_as_pending(shared_ray,
                                                                   tmp_path: Path) -> None:
     from deblur.dev.simulate import SimulatedWorker, plan_job
     from deblur.observe.metrics import JobMetrics
@@ -85,7 +75,7 @@ def test_a_resource_no_node_has_ends_the_run_and_shows_as_pending(local_ray,
     ledger = plan_job(str(tmp_path), 4, 2, storage, {"scheduler.worker_start_timeout_s": 2,
                                                     "worker.cpus_per_worker": 0.0})
     metrics = JobMetrics("sim", "simulated")
-    actor = local_ray.remote(resources={"tpu_v9": 1})(SimulatedWorker)
+    actor = shared_ray.remote(resources={"tpu_v9": 1})(SimulatedWorker)
     pool = ActorPool(ledger.config(), ledger, None, actor, metrics)
     with pytest.raises(WorkerStartError, match=r"no node offers tpu_v9: 1 for \d+ s"):
         _run_bounded(pool, ledger, 4)
@@ -106,12 +96,12 @@ def _fault_job(tmp_path: Path, fault: str, images: int = 6):
         "scheduler.shard_deadline_unmeasured_s": 8.0, "scheduler.shard_deadline_floor_s": 30.0})
 
 
-def test_a_hung_shard_is_killed_at_its_deadline_and_run_elsewhere(local_ray,
+def test_a_hung_shard_is_killed_at_its_deadline_and_run_elsewhere(shared_ray,
                                                                   tmp_path: Path) -> None:
     from tests.fault_workers import FaultWorker
 
     ledger = _fault_job(tmp_path, "hang")
-    pool = ActorPool(ledger.config(), ledger, None, local_ray.remote(FaultWorker))
+    pool = ActorPool(ledger.config(), ledger, None, shared_ray.remote(FaultWorker))
     progress = _run_bounded(pool, ledger, 6)
     assert (tmp_path / "fault.fired").exists(), "the model never hung"
     assert progress.retries >= 1 and not progress.cancelled
@@ -121,12 +111,12 @@ def test_a_hung_shard_is_killed_at_its_deadline_and_run_elsewhere(local_ray,
     assert pool.next_actor == 2, "the hung actor should have been replaced once"
 
 
-def test_a_device_fault_exits_the_actor_and_its_shards_run_elsewhere(local_ray,
+def test_a_device_fault_exits_the_actor_and_its_shards_run_elsewhere(shared_ray,
                                                                     tmp_path: Path) -> None:
     from tests.fault_workers import FaultWorker
 
     ledger = _fault_job(tmp_path, "cuda")
-    pool = ActorPool(ledger.config(), ledger, None, local_ray.remote(FaultWorker))
+    pool = ActorPool(ledger.config(), ledger, None, shared_ray.remote(FaultWorker))
     progress = _run_bounded(pool, ledger, 6)
     assert (tmp_path / "fault.fired").exists(), "the fault was never injected"
     assert progress.retries >= 1

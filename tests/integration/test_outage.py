@@ -30,9 +30,8 @@ OUTAGE_S = 10.0
 
 
 def test_a_storage_outage_pauses_the_job_and_it_completes(
-        fault_proxy: FaultProxy, s3_bucket: str, storage: Storage, tmp_path: Path) -> None:
-    import ray
-
+        shared_ray: Any, fault_proxy: FaultProxy, s3_bucket: str, storage: Storage,
+        tmp_path: Path) -> None:
     from deblur.config import from_dict
     from deblur.run.driver import execute
     from deblur.run.worker import ShardProcessor, WorkerActor, worker_name
@@ -81,9 +80,8 @@ def test_a_storage_outage_pauses_the_job_and_it_completes(
     cutter.start()
     try:
         outcome = execute(job, ledger, ledger.shard_ids(), IMAGES,
-                          actor_class=ray.remote(SlowWorker))
+                          actor_class=shared_ray.remote(SlowWorker))
     finally:
-        ray.shutdown()
         cutter.join(OUTAGE_S + 5)
     assert "resets" in outage, "the outage never started"
     assert outage["resets"] > 10, outage  # driver and workers really lost the store

@@ -41,9 +41,7 @@ def _job(tmp_path: Path) -> Ledger:
     return Ledger.create(storage, job, job_id="poison", model_info={})
 
 
-def _run(ledger: Ledger, crashes: Path) -> Any:
-    import ray
-
+def _run(ray: Any, ledger: Ledger, crashes: Path) -> Any:
     from deblur.config import from_dict
     from deblur.run.driver import execute
     from deblur.run.worker import ShardProcessor, WorkerActor, worker_name
@@ -61,11 +59,8 @@ def _run(ledger: Ledger, crashes: Path) -> Any:
             self.processor = ShardProcessor(from_dict(config), infer, worker_name())
 
     crashes.mkdir(exist_ok=True)
-    try:
-        return execute(ledger.config(), ledger, ledger.shard_ids(), 9,
-                       actor_class=ray.remote(PoisonWorker))
-    finally:
-        ray.shutdown()
+    return execute(ledger.config(), ledger, ledger.shard_ids(), 9,
+                   actor_class=ray.remote(PoisonWorker))
 
 
 def _check(ledger: Ledger) -> None:
@@ -76,10 +71,10 @@ def _check(ledger: Ledger) -> None:
     assert "killed its worker" in failed[0]["error"]
 
 
-def test_a_poison_image_ends_as_one_failed_row(tmp_path: Path) -> None:
+def test_a_poison_image_ends_as_one_failed_row(shared_ray: Any, tmp_path: Path) -> None:
     ledger = _job(tmp_path)
     crashes = tmp_path / "crashes"
-    outcome = _run(ledger, crashes)
+    outcome = _run(shared_ray, ledger, crashes)
     assert outcome.complete
     _check(ledger)
     # Twice with its shard, then twice alone (a second chance against a node loss).
@@ -89,13 +84,13 @@ def test_a_poison_image_ends_as_one_failed_row(tmp_path: Path) -> None:
     assert [h["reason"] for h in record["history"]] == ["worker_lost", "worker_lost"]
 
 
-def test_a_restarted_driver_goes_on_counting(tmp_path: Path) -> None:
+def test_a_restarted_driver_goes_on_counting(shared_ray: Any, tmp_path: Path) -> None:
     ledger = _job(tmp_path)
     # What a driver that died after the shard's second worker death left in the ledger.
     for _ in range(2):
         ledger.record_failure(1, "worker_lost", "actor died", lost=True)
     crashes = tmp_path / "crashes"
-    outcome = _run(ledger, crashes)
+    outcome = _run(shared_ray, ledger, crashes)
     assert outcome.complete
     _check(ledger)
     assert len(list(crashes.iterdir())) == 2  # straight to image by image

@@ -87,9 +87,8 @@ def test_promtool_checks_the_rules() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_dashboard_queries_return_data_for_a_real_job(prometheus, tmp_path: Path) -> None:
-    import ray
-
+def test_dashboard_queries_return_data_for_a_real_job(shared_ray, prometheus,
+                                                      tmp_path: Path) -> None:
     base, metrics_port = prometheus
     src = tmp_path / "in"
     src.mkdir()
@@ -103,16 +102,14 @@ def test_dashboard_queries_return_data_for_a_real_job(prometheus, tmp_path: Path
     ledger = open_or_plan(job, Storage(), resume=False)
     job_id = ledger.job()["job_id"]
     started = time.time()
-    try:
-        # A scrape of the finished job must happen before the endpoint closes: slow the last
-        # step a little by keeping the driver alive through one progress callback.
-        def linger(progress) -> None:
-            if progress.shards_done == progress.shards_total:
-                time.sleep(2.5)
 
-        outcome = execute(ledger.config(), ledger, ledger.shard_ids(), 11, linger)
-    finally:
-        ray.shutdown()
+    # A scrape of the finished job must happen before the endpoint closes: slow the last
+    # step a little by keeping the driver alive through one progress callback.
+    def linger(progress) -> None:
+        if progress.shards_done == progress.shards_total:
+            time.sleep(2.5)
+
+    outcome = execute(ledger.config(), ledger, ledger.shard_ids(), 11, linger)
     ended = time.time()
     assert outcome.status.ok == 10 and outcome.status.failed == 1
     time.sleep(1.5)  # let the rule evaluation catch up

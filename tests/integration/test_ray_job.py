@@ -18,17 +18,7 @@ from .helpers import assert_each_row_once, write_inputs
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def local_ray(moto_server: str):
-    """One in-process Ray for the module, started after moto so workers inherit its env."""
-    import ray
-
-    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_end_to_end_on_moto_s3(local_ray: None, s3_bucket: str, storage: Storage) -> None:
+def test_end_to_end_on_moto_s3(shared_ray: object, s3_bucket: str, storage: Storage) -> None:
     uris = write_inputs(storage, f"{s3_bucket}/in", 10)
     storage.put(f"{s3_bucket}/in/broken.jpg", b"\xff\xd8\xff not really a jpeg")
     result = CliRunner().invoke(app, [
@@ -59,7 +49,7 @@ def test_missing_weights_refuse_to_start(tmp_path: Path) -> None:
     assert "--random-weights" in result.output
 
 
-def test_rerun_after_fixing_failed_rows(local_ray: None, tmp_path: Path) -> None:
+def test_rerun_after_fixing_failed_rows(shared_ray: object, tmp_path: Path) -> None:
     storage = Storage()
     src = str(tmp_path / "src")
     uris = write_inputs(storage, src, 6)

@@ -57,9 +57,7 @@ def test_a_signalled_driver_exits_3_with_a_summary_and_resumes(tmp_path: Path,
     assert_each_row_once(ledger, IMAGES)
 
 
-def test_cancel_lets_the_shards_in_flight_finish(tmp_path: Path) -> None:
-    import ray
-
+def test_cancel_lets_the_shards_in_flight_finish(shared_ray: Any, tmp_path: Path) -> None:
     from deblur.dev.simulate import SimulatedWorker
     from deblur.run.driver import execute
 
@@ -85,12 +83,8 @@ def test_cancel_lets_the_shards_in_flight_finish(tmp_path: Path) -> None:
         if progress.shards_done >= 1 and not ledger.cancel_requested():
             ledger.request_cancel()
 
-    try:
-        outcome = execute(ledger.config(), ledger, ledger.shard_ids(), 24,
-                          on_progress=cancel_after_the_first,
-                          actor_class=ray.remote(SlowWorker))
-    finally:
-        ray.shutdown()
+    outcome = execute(ledger.config(), ledger, ledger.shard_ids(), 24,
+                      on_progress=cancel_after_the_first, actor_class=shared_ray.remote(SlowWorker))
     assert outcome.progress.cancelled
     done = ledger.done_shards()
     assert 1 <= len(done) < len(ledger.shard_ids())

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deblur import __version__
-from deblur.config import JobConfig, from_dict
+from deblur.config import SCENE_MODEL, JobConfig, from_dict
 from deblur.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -66,6 +66,7 @@ from deblur.job.lease import Lease, LeaseFile, LeaseKeeper, claim, json_object, 
 from deblur.job.manifest import SHARD_SCHEMA, PlanCounts, iter_shards, plan_rows
 from deblur.job.results import (INDEX_SCHEMA, RESULT_SCHEMA, ShardSummary, parquet_bytes,
                                 read_parquet, summarise)
+from deblur.scene.plan import iter_scene_shards
 
 log = logging.getLogger("deblur.job.ledger")
 
@@ -277,7 +278,11 @@ class Ledger:
         # bounded number in flight so planning memory stays flat.
         with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="plan") as pool:
             in_flight: list[Any] = []
-            for table in iter_shards(batches, config.shard_size):
+            # a scene job's shard is one scene (its views), not shard_size rows
+            tables = (iter_scene_shards(batches, planner.base)
+                      if config.model.name == SCENE_MODEL
+                      else iter_shards(batches, config.shard_size))
+            for table in tables:
                 data = parquet_bytes(table)
                 in_flight.append(pool.submit(storage.put, self._path("shards",
                                                                       _shard_name(shards)),

@@ -47,6 +47,12 @@ RESULT_SCHEMA = pa.schema([
     pa.field("psnr_in", pa.float32()),  # the input against it: the gain is psnr - psnr_in
     pa.field("ssim_in", pa.float32()),
     pa.field("finished_at", pa.float64()),
+    # scene jobs (--model deblurgs): the re-blurred render against the input, and the scene's
+    # fit on each of its views' rows
+    pa.field("fit_psnr", pa.float32()),
+    pa.field("scene_steps", pa.int32()),
+    pa.field("scene_seconds", pa.float32()),
+    pa.field("scene_gaussians", pa.int64()),
 ])
 
 def result_row(row: dict[str, Any], *, attempt: int, worker: str,

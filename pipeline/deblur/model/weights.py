@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from deblur.config import SCENE_MODEL
 from deblur.errors import StorageError, WeightsError
 from deblur.model import MODELS, create_model
 
@@ -190,6 +191,9 @@ def provenance(config: ModelConfig) -> dict[str, Any]:
     every worker. The file is read once per process (``fetch``: hashed as it streams, tensors
     memory-mapped from it), so the weights are never held twice.
     """
+    if config.name == SCENE_MODEL:  # a scene job fits its own model per scene: no weights
+        return {"name": config.name, "weights": None, "weights_sha256": None,
+                "random_weights": False}
     if config.name not in MODELS:
         create_model(config.name)  # raises the ModelError naming the valid ones
     if config.random_weights:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deblur.cluster import stand_in_gpus
-from deblur.config import JobConfig
+from deblur.config import SCENE_MODEL, JobConfig
 from deblur.errors import StorageError, WorkerStartError, is_outage, one_line
 from deblur.io.storage import get_storage
 from deblur.job.ledger import Ledger
@@ -115,6 +115,7 @@ class ActorPool:
                  lease: Any | None = None) -> None:
         import ray
 
+        from deblur.run.scene_worker import SceneWorkerActor
         from deblur.run.worker import WorkerActor
 
         self.ray = ray
@@ -124,7 +125,9 @@ class ActorPool:
         self.metrics = metrics  # deblur.observe.metrics.JobMetrics, or None
         self.lease = lease  # deblur.job.lease.LeaseKeeper, or None
         sched = config.scheduler
-        actor = actor_class or ray.remote(WorkerActor)
+        # a scene job (--model deblurgs) fits one scene per shard instead of running a network
+        actor = actor_class or ray.remote(
+            SceneWorkerActor if config.model.name == SCENE_MODEL else WorkerActor)
         self.actor = actor
         self.actor_kwargs: dict[str, Any] = dict(
             num_gpus=config.worker.gpus_per_worker, num_cpus=config.worker.cpus_per_worker,

@@ -95,11 +95,12 @@ def _decay(start: float, end: float, step: int, steps: int) -> float:
 class _Fit:
     """One scene's optimisation state: parameters, Adam, densification statistics."""
 
-    def __init__(self, gaussians: Gaussians, images: torch.Tensor, camera: Camera,
-                 w2c: torch.Tensor, config: SceneConfig, renderer: Renderer) -> None:
+    def __init__(self, gaussians: Gaussians, images: list[torch.Tensor],
+                 cameras: list[Camera], w2c: torch.Tensor, config: SceneConfig,
+                 renderer: Renderer) -> None:
         self.config = config
-        self.images = images  # (V, H, W, 3) in [0, 1]
-        self.camera = camera
+        self.images = images  # V x (H, W, 3) in [0, 1]
+        self.cameras = cameras
         self.w2c = w2c  # (V, 4, 4) initial poses
         self.renderer = renderer
         gen = torch.Generator().manual_seed(config.seed)
@@ -147,7 +148,8 @@ class _Fit:
                                      config.steps) * self.extent
             elif group["name"] == "pose":
                 group["lr"] = _decay(config.lr_pose, config.lr_pose_final, step, config.steps)
-        out = self.renderer(self.g, self.poses(view, self.times), self.camera, None)
+        camera = self.cameras[view]
+        out = self.renderer(self.g, self.poses(view, self.times), camera, None)
         out.means2d.retain_grad()
         blurry = out.images.mean(0).clamp(0, 1)
         target = self.images[view]
@@ -162,8 +164,7 @@ class _Fit:
         self.optimiser.step()
         with torch.no_grad():
             # the screen-space gradient in 3DGS's units (normalised device coordinates)
-            grad = out.means2d.grad * torch.tensor(
-                [self.camera.width / 2, self.camera.height / 2])
+            grad = out.means2d.grad * torch.tensor([camera.width / 2, camera.height / 2])
             seen = out.visible.any(0)
             self.grad_sum[seen] += grad.norm(dim=-1).amax(0)[seen]
             self.grad_count[seen] += 1
@@ -236,18 +237,18 @@ class _Fit:
             setattr(self.g, name, fresh)
 
 
-def fit_scene(gaussians: Gaussians, images: torch.Tensor, camera: Camera, w2c: torch.Tensor,
-              config: SceneConfig, renderer: Renderer = render,
+def fit_scene(gaussians: Gaussians, images: list[torch.Tensor], cameras: list[Camera],
+              w2c: torch.Tensor, config: SceneConfig, renderer: Renderer = render,
               on_step: Callable[[int, int], None] | None = None) -> SceneFit:
-    """Fit ``gaussians`` and the views' motions to blurry ``images`` (V, H, W, 3) in [0, 1].
+    """Fit ``gaussians`` and the views' motions to blurry ``images`` (H, W, 3) in [0, 1].
 
     Args:
-        camera: the intrinsics of every view at the images' size.
+        cameras: each view's intrinsics at its image's size.
         w2c: (V, 4, 4) initial world-to-camera poses (OpenCV axes).
         on_step: called as (step, Gaussian count) every 10 steps, for progress and metrics.
     """
     started = time.monotonic()
-    fit = _Fit(gaussians, images, camera, w2c, config, renderer)
+    fit = _Fit(gaussians, images, cameras, w2c, config, renderer)
     gen = torch.Generator().manual_seed(config.seed)
     views = len(w2c)
     order: list[int] = []
@@ -267,7 +268,8 @@ def fit_scene(gaussians: Gaussians, images: torch.Tensor, camera: Camera, w2c: t
     with torch.no_grad():
         fit_psnr = []
         for view in range(views):
-            blurry = renderer(fit.g, fit.poses(view, fit.times), camera, None).images.mean(0)
+            blurry = renderer(fit.g, fit.poses(view, fit.times), cameras[view],
+                              None).images.mean(0)
             mse = float(((blurry.clamp(0, 1) - images[view]) ** 2).mean())
             fit_psnr.append(10 * math.log10(1 / max(mse, 1e-12)))
         starts, mids, ends = (

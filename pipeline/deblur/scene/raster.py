@@ -68,11 +68,13 @@ class Render:
         means2d: (S, G, 2) projected centres; call ``retain_grad`` before backward to read
             the screen-space gradient densification uses.
         visible: (S, G) whether each Gaussian was drawn in each render.
+        pairs: (pixel, Gaussian) pairs evaluated: the work, for diagnostics (0 for gsplat).
     """
 
     images: torch.Tensor
     means2d: torch.Tensor
     visible: torch.Tensor
+    pairs: int = 0
 
 
 def project(gaussians: Gaussians, w2c: torch.Tensor, camera: Camera
@@ -162,7 +164,7 @@ def render(gaussians: Gaussians, w2c: torch.Tensor, camera: Camera,
             0, pixel, log_t)
         colour = colour + torch.exp(remaining).to(colour.dtype)[:, None] * background.to(colour)
     return Render(images=colour.reshape(s, height, width, 3), means2d=means2d,
-                  visible=visible)
+                  visible=visible, pairs=len(owner))
 
 
 Renderer = Callable[[Gaussians, torch.Tensor, Camera, "torch.Tensor | None"], Render]

@@ -1,0 +1,80 @@
+"""Scene jobs through the ledger (``--model deblurgs``): one scene is one shard; views become
+result rows; the .ply and trajectories land under the job root; a scene without poses and a
+view that does not decode are failed rows with their reasons; a rerun redoes only what failed
+and never rewrites an ok view. Runs on a local folder and on moto's S3 (``root``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deblur.dev.scenes import write_scenes
+from deblur.io.storage import Storage, join
+from deblur.job.ledger import Ledger
+from deblur.run.scene_worker import SceneProcessor, scene_files_folder
+from deblur.scene.gaussians import gaussians_from_ply
+from tests.conftest import job_config
+
+# a few steps: these tests check the job's bookkeeping; tests/test_scene_fit.py the quality
+QUICK = {"model.random_weights": False, "model.name": "deblurgs", "scene.steps": 12,
+         "scene.subframes": 2, "scene.densify_from": 4, "scene.densify_every": 4,
+         "scene.densify_until": 8}
+
+
+def _upload(storage: Storage, local: Path, prefix: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.put(join(prefix, str(path.relative_to(local))), path.read_bytes())
+
+
+def _plan(root: str, tmp_path: Path, storage: Storage) -> Ledger:
+    write_scenes(tmp_path / "scenes", count=2, views=3, width=32, height=24)
+    _upload(storage, tmp_path / "scenes", join(root, "src"))
+    # a third scene without poses, and a fourth view in scene 1 that does not decode
+    storage.put(join(root, "src/scene_002/images/view_000.png"),
+                (tmp_path / "scenes/scene_000/images/view_000.png").read_bytes())
+    broken = json.loads((tmp_path / "scenes/scene_001/transforms.json").read_text())
+    broken["frames"].append(dict(broken["frames"][0], file_path="images/view_003.png"))
+    storage.put(join(root, "src/scene_001/transforms.json"), json.dumps(broken).encode())
+    whole = (tmp_path / "scenes/scene_001/images/view_000.png").read_bytes()
+    storage.put(join(root, "src/scene_001/images/view_003.png"), whole[:len(whole) // 2])
+    job = job_config(join(root, "src"), join(root, "out"), join(root, "job"), **QUICK)
+    return Ledger.create(storage, job, job_id="scenes", model_info={})
+
+
+def test_scene_job_rows_outputs_and_rerun(root: str, tmp_path: Path) -> None:
+    storage = Storage()
+    ledger = _plan(root, tmp_path, storage)
+    assert len(ledger.shard_ids()) == 3  # one shard per scene, not shard_size rows
+    processor = SceneProcessor(ledger.config(), "test-worker")
+    reports = [processor.process(ledger.job_root, shard, 1) for shard in ledger.shard_ids()]
+    assert [(r["ok"], r["failed"]) for r in reports] == [(3, 0), (3, 1), (0, 1)]
+    assert reports[0]["metrics"]["scene"]["steps"] == 12
+    rows = {r["key"].split("/src/")[1]: r for t in ledger.iter_results() for r in t.to_pylist()}
+    assert len(rows) == 8  # every view exactly once
+    assert rows["scene_001/images/view_003.png"]["reason"] in ("truncated", "corrupt")
+    assert rows["scene_002/images/view_000.png"]["reason"] == "no_poses"
+    assert "transforms.json" in rows["scene_002/images/view_000.png"]["error"]
+    ok = rows["scene_000/images/view_001.png"]
+    assert ok["status"] == "ok" and ok["fit_psnr"] > 10 and ok["scene_steps"] == 12
+    assert ok["scene_gaussians"] > 100 and ok["scene_seconds"] > 0
+    assert storage.exists(join(root, "out/scene_000/images/view_001.png"))
+    files = scene_files_folder(ledger.job_root, 0)
+    scene = gaussians_from_ply(storage.get(files + "scene.ply"))
+    assert len(scene) == ok["scene_gaussians"]
+    trajectories = json.loads(storage.get(files + "trajectories.json"))
+    assert len(trajectories["views"]) == 3
+    assert set(trajectories["views"][0]) >= {"key", "start", "mid", "end", "fit_psnr"}
+
+    # rerun: repair the broken view; scene 1 is fitted again with all four views, but only
+    # the repaired one is written (an ok view's output removed here must stay absent)
+    storage.put(join(root, "src/scene_001/images/view_003.png"),
+                (tmp_path / "scenes/scene_001/images/view_000.png").read_bytes())
+    storage.delete(join(root, "out/scene_001/images/view_000.png"))
+    assert ledger.rerun_selection() == [1, 2]
+    again = processor.process(ledger.job_root, 1, 2)
+    assert (again["ok"], again["failed"]) == (1, 0) and again["metrics"]["scene"]["views"] == 4
+    assert storage.exists(join(root, "out/scene_001/images/view_003.png"))
+    assert not storage.exists(join(root, "out/scene_001/images/view_000.png"))
+    status = ledger.status(ledger.index())
+    assert (status.ok, status.failed, status.pending) == (7, 1, 0)

@@ -12,7 +12,18 @@ if [ "${1:-}" = "--quick" ]; then
   quick=1
   shift
 fi
-bash scripts/setup.sh test
+# The quick loop skips re-running setup (about half a minute of pip) while the venv is the one
+# setup made from the current pyproject.toml and setup.sh, for this checkout (a venv may be
+# shared between clones); the full suite always runs it.
+stamp=.venv/.test-setup-done
+set_up() {
+  [ "$quick" = 1 ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup.sh ] &&
+    .venv/bin/python -c 'import deblur, os, sys; sys.exit(not deblur.__file__.startswith(os.getcwd() + "/"))' 2>/dev/null
+}
+if ! set_up; then
+  bash scripts/setup.sh test
+  touch "$stamp"
+fi
 [ "$quick" = 1 ] || bash scripts/install_tools.sh
 export PATH="$PWD/.tools/bin:$PWD/.venv/bin:$PATH"
 if [ "$quick" = 1 ]; then

@@ -25,9 +25,6 @@ from deblur.observe.quality import psnr, ssim
 from deblur.run.worker import ShardProcessor
 from tests.conftest import jpeg, job_config, make_job, unsharp
 
-pytestmark = [pytest.mark.integration]
-
-
 @pytest.fixture(scope="module")
 def evaluated_job(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
     root = tmp_path_factory.mktemp("eval")
@@ -83,6 +80,7 @@ def test_qa_sample_is_deterministic_and_covers_every_failure(evaluated_job: Ledg
     assert len({rid for rid, _ in first}) == len(first)
 
 
+@pytest.mark.integration  # headless Chromium; the rest of the module runs in the quick tier
 def test_report_renders_in_headless_chromium(evaluated_job: Ledger, tmp_path: Path) -> None:
     out = tmp_path / "report.html"
     result = CliRunner().invoke(app, ["report", evaluated_job.job_root, "--out", str(out)])
@@ -191,6 +189,7 @@ def test_real_weights_get_no_banner_and_plain_jobs_no_evaluation(tmp_path: Path)
     assert _row(page, "Throughput (images/s while workers ran)") == "–"  # no run yet
 
 
+@pytest.mark.integration  # headless Chromium
 def test_report_layout_in_chromium_large_pairs_and_labelled_axes(evaluated_job: Ledger,
                                                                  tmp_path: Path) -> None:
     page = build(evaluated_job, samples_per_group=2)

@@ -362,14 +362,9 @@ def test_missing_data_fails_with_one_line(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.train
 def test_two_ray_train_workers_step_like_one_process_with_the_averaged_gradient(
-        sharp_folder: str, tmp_path: Path) -> None:
-    import ray
-
+        shared_ray: object, sharp_folder: str, tmp_path: Path) -> None:
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    try:
-        last = train(tiny(ddp, sharp_folder, steps=1, batch=1, workers=2, eval_every=5))
-    finally:
-        ray.shutdown()
+    last = train(tiny(ddp, sharp_folder, steps=1, batch=1, workers=2, eval_every=5))
     assert last["replicas_in_sync"] is True  # both workers hold the same weights
     # One process, batch 2 = the two workers' samples: its mean loss's gradient is the
     # average of the workers' gradients, which is what DDP's all-reduce must have applied.

@@ -1,36 +1,51 @@
 """The GPU table: one command measures every figure of the project's GPU table on this machine.
 
-    .venv/bin/python bench/gpu.py                                    # on the GPU box
+    bash scripts/gpu_check.sh                                        # the GPU proof: checks,
+                                                                     # gpu tests, this table
+    .venv/bin/python bench/gpu.py --jsonl 'docs/benchmarks/gpu-{date}-{gpu}.jsonl'
     .venv/bin/python bench/gpu.py --out gpu.json --device-hours-row  # + JSON, + THROUGHPUT row
-    .venv/bin/python bench/gpu.py --size 64x64 --images 8 --batches 1,2   # CPU dry run
+    .venv/bin/python bench/gpu.py --dry-run                          # every row on the CPU (CI)
 
-Rows (``--rows``, in this order; each one's failure is printed in its row and the rest go on):
+Rows (``--rows``, in this order, the ones the targets need first; each one's failure is
+printed in its row and the rest go on):
 
 - model:      MIMO-UNet fp32, batch 1, eager, synchronised per image (the authors' way), then
-              bf16 and fp16 channels_last eager at each ``--batches`` (on CPU: fp32 NCHW);
+              bf16 and fp16 channels_last eager at each ``--batches`` (8, 16);
 - compile:    the engine's precision, channels_last, ``torch.compile`` in each
-              ``--model-compile-mode`` at ``--compile-batch`` (the first mode is the reference
-              every row's ratio is taken against);
+              ``--model-compile-mode`` at ``--compile-batch`` (16), with its compile seconds;
+              the first mode is the reference every row's ratio is taken against;
 - deblurrer:  ``Deblurrer.deblur`` on ``batch.max_batch`` decoded uint8 images (upload, pad,
-              forward, download) with the job's default ModelConfig;
+              forward, download) with the job's ModelConfig; ``Deblurrer.launch`` pipelined
+              over 8 batches (launch k+1, then collect k); the same on device tensors (the
+              nvJPEG path: no upload, no download);
 - worker:     ``ShardProcessor`` without Ray over a planned job on local storage, 2 shards in
-              flight, with the engine's busy share;
-- ray:        ``start_ray`` / ``open_or_plan`` / ``execute``, 1 worker actor, local storage,
-              with the engine busy share from the job's summary (or the worker reports);
+              flight, wired as the actor is (launch, device pixels), engine busy share and
+              GPU memory peak;
+- ray:        `deblur run`'s path (``start_ray`` / ``open_or_plan`` / ``execute``), 1 worker
+              actor, local storage, end to end: with the Pillow codec, then with nvJPEG, in
+              one Ray session; busy share, NVML utilisation and GPU memory peak per row;
 - authors:    the authors' loop end to end (Pillow decode, fp32 batch 1, PNG encode);
+- precision:  bf16 and fp16 against fp32 on the same weights, in 8-bit output levels;
+- graphs:     graphs compiled (and compile seconds) for a mixed job of 720p, 1080p, 4:3 and
+              portrait JPEGs through ShardProcessor with the engine compiled;
+- memory:     peak CUDA memory per image of the batch, engine precision, at each batch;
 - codec:      JPEG decode / encode q95 (Pillow, through deblur.io.codec) on 1 and N threads;
               torchvision nvJPEG batched decode / encode on the GPU;
-- plus:       MIMO-UNet+ bf16 channels_last eager, batch 8 (on CPU: fp32);
-- precision:  bf16 and fp16 against fp32 on the same seeded weights, in 8-bit output levels;
-- memory:     peak CUDA memory per image of the batch, engine precision, at each batch.
+- plus:       MIMO-UNet+ bf16 channels_last eager, batch 8.
 
-Images are ``--size`` HxW (default 720x1280, i.e. 1280x720 photos). Every timed region is wall
-time with ``torch.cuda.synchronize()`` before and after on CUDA; a figure is the median over
-``--repeat`` runs after warm-up. Without CUDA the CPU-meaningful rows run at whatever size is
-given and the CUDA-only ones print "skipped: needs CUDA", never a number. Weights are random
-(seeded): throughput does not depend on them. Rows not started after ``--max-minutes`` are
-marked skipped so the table always prints inside a 10-minute slot; most of a GPU run is
-torch.compile (the compile row's modes, then the engine's graphs for every batch size).
+Then the targets, from rows of the same run: end to end >= 0.9x the compiled model alone and
+>= 40x the authors' loop; the engine's precision within 1 level mean and 2 max of fp32.
+
+Images are ``--size`` HxW JPEGs at q90 (default 720x1280, i.e. 1280x720 photos); weights are
+the shipped checkpoint (``--weights``; ``random`` for seeded random ones). Every timed region
+is wall time with ``torch.cuda.synchronize()`` before and after on CUDA; a figure is the
+median over ``--repeat`` runs after warm-up. Without CUDA the CUDA-only rows say "skipped:
+needs CUDA", never a number. ``--dry-run`` (CI) runs every row's code on the CPU at tiny sizes
+in about a minute: the bf16/fp16, compile and precision rows run on the CPU (labelled, not GPU
+figures), compilation is traced by dynamo with its eager backend instead of inductor, the
+nvJPEG Ray row runs the same code with the Pillow codec (labelled), and the run exits 1 if any
+row failed. Rows not started after ``--max-minutes`` are marked skipped, and an interrupt
+(SIGINT) skips the rest, so the table always prints; most of a GPU run is torch.compile.
 """
 
 from __future__ import annotations
@@ -68,8 +83,8 @@ from deblur.model import STRIDE, create_model
 from deblur.model.weights import load_model
 from deblur.run.inference import Deblurrer, pick_dtype, reflect_pad, round_up
 
-ROWS = ("model", "compile", "deblurrer", "worker", "ray", "graphs", "authors", "codec",
-        "precision", "memory", "plus")
+ROWS = ("model", "compile", "deblurrer", "worker", "ray", "authors", "precision", "graphs",
+        "memory", "codec", "plus")
 NEEDS_CUDA = "skipped: needs CUDA"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 IMAGES_PER_RUN = 32  # each timed run of a model row covers at least this many images

@@ -44,15 +44,22 @@ prepare() {
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' RETURN
   ray_version=$("$PY" -c 'import ray; print(ray.__version__)' 2>/dev/null || echo 2.60.0)
-  local pip=("$PY" -m pip --disable-pip-version-check download --no-deps --only-binary=:all:
+  local pip=("$PY" -m pip --disable-pip-version-check download --only-binary=:all:
              --python-version "$pyver" --implementation cp
              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
-             --platform manylinux2014_x86_64 -d "$tmp")
+             --platform manylinux2014_x86_64)
   say "downloading Ray $ray_version and its missing requirements for Python $pyver"
   # Ray's own requirements that a torch-only image lacks (the rest: click, filelock, msgpack,
   # packaging, protobuf, pyyaml, requests come with such images).
-  "${pip[@]}" "ray==$ray_version" jsonschema jsonschema-specifications referencing rpds-py \
-    >/dev/null
+  "${pip[@]}" --no-deps -d "$tmp" "ray==$ray_version" jsonschema jsonschema-specifications \
+    referencing rpds-py >/dev/null
+  # Ray Train's (`deblur train` on the GPU): pydantic with the pydantic-core it pins, resolved
+  # here, keeping only the packages such images lack (never a second numpy or protobuf).
+  mkdir "$tmp/train"
+  "${pip[@]}" -d "$tmp/train" "pydantic>=2.5,<3" "tensorboardX>=1.9" >/dev/null
+  mv "$tmp"/train/pydantic-* "$tmp"/train/pydantic_core-* "$tmp"/train/annotated_types-* \
+     "$tmp"/train/typing_inspection-* "$tmp"/train/tensorboard[Xx]-* "$tmp"/ 2>/dev/null || true
+  rm -rf "$tmp/train"
   mkdir -p .whl
   grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   rm -f .whl/ray-*.tar.xz .whl/*.whl

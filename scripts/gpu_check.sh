@@ -89,23 +89,27 @@ install_carried() {
   if "$PY" -c 'import ray' 2>/dev/null; then
     return 0
   fi
-  if ! ls .whl/*.whl .whl/*.tar.xz >/dev/null 2>&1; then
+  local wheels archives
+  wheels=$(compgen -G '.whl/*.whl' || true)
+  archives=$(compgen -G '.whl/*.tar.xz' || true)
+  if [ -z "$wheels$archives" ]; then
     say "ray is not importable and no .whl/ was carried: the Ray rows will say so" \
         "(bash scripts/gpu_check.sh prepare, where PyPI is reachable, makes .whl/)"
     return 0
   fi
   mkdir -p "$SITE"
-  if ls .whl/*.whl >/dev/null 2>&1; then
+  if [ -n "$wheels" ]; then
+    # shellcheck disable=SC2086 - file names from the glob above, no spaces
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" .whl/*.whl
+      --target "$SITE" $wheels || say "pip could not install .whl/*.whl (made for another Python?)"
   fi
-  for archive in .whl/*.tar.xz; do
-    [ -e "$archive" ] && tar -C "$SITE" -xJf "$archive"
+  for archive in $archives; do
+    tar -C "$SITE" -xJf "$archive" || say "could not unpack $archive"
   done
   # Absolute, so Ray's worker processes (which inherit it) import the same packages.
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   if "$PY" -c 'import ray' 2>/dev/null; then
-    say "ray $("$PY" -c 'import ray; print(ray.__version__)') from .whl/ (in $SITE)"
+    say "ray carried from .whl/ (in $SITE): $("$PY" -c 'import ray; print(ray.__version__)')"
   else
     say "ray from .whl/ does not import: $("$PY" -c 'import ray' 2>&1 | tail -1)"
   fi

@@ -7,10 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import venv
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -87,3 +90,47 @@ def test_gpu_check_refuses_a_cpu_torch_with_the_command_to_run() -> None:
             f"GPU and a CUDA build of torch, e.g. pip install 'torch=={version}' --index-url "
             f"https://download.pytorch.org/whl/cu126") in proc.stdout
     assert "pytest" not in proc.stdout  # nothing ran after the refusal
+
+
+def test_targets_are_taken_from_rows_of_the_run() -> None:
+    table = gpu.Table({}, None)
+    table.reference = table.add(gpu.Row("compile", "compile.default", "compiled", 100.0))
+    table.add(gpu.Row("ray", "ray.pillow", "ray, Pillow", 60.0))
+    table.add(gpu.Row("ray", "ray.nvjpeg", "ray, nvJPEG", 95.0))
+    table.add(gpu.Row("authors", "authors", "authors' loop", 2.0))
+    table.add(gpu.Row("precision", "precision.fp16", "fp16", notes="",
+                      extra={"mean_levels": 0.02, "max_levels": 3}))
+    bench = SimpleNamespace(cuda=True, engine_dtype=torch.float16)
+    got = {t["target"]: t for t in gpu.targets(table, bench)}
+    e2e = got["deblur run end to end / compiled model alone"]
+    assert e2e["value"] == pytest.approx(0.95) and e2e["met"] is True  # nvJPEG's row first
+    assert got["deblur run end to end / the authors' loop"]["value"] == pytest.approx(47.5)
+    parity = got["fp16 (the engine's precision) vs fp32"]
+    assert parity["met"] is False  # max 3 levels: over the 2 allowed
+    assert "**no**" in gpu.targets_text(list(got.values()))
+
+
+def test_gpu_check_installs_a_carried_ray_into_a_private_folder(tmp_path: Path) -> None:
+    """On a GPU image without Ray, .whl/ is installed (here: an archive the way `prepare`
+    packs Ray, holding a one-file package) where only this check's processes see it."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "gpu_check.sh", repo / "scripts")
+    (repo / ".whl").mkdir()
+    package = tmp_path / "pack" / "ray"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("__version__ = 'carried'\n")
+    with tarfile.open(repo / ".whl" / "ray-carried-slim.tar.xz", "w:xz") as archive:
+        archive.add(package, arcname="ray")
+    bare = tmp_path / "bare"  # a Python without Ray (nor torch)
+    venv.create(bare, with_pip=False)
+    site = tmp_path / "site"
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")],
+                          capture_output=True, text=True, timeout=120, cwd=repo,
+                          env={**os.environ, "PYTHON": str(bare / "bin" / "python"),
+                               "DEBLUR_CARRIED_SITE": str(site), "PYTHONPATH": ""})
+    assert f"gpu_check: ray carried from .whl/ (in {site})" in proc.stdout, proc.stdout
+    assert (site / "ray" / "__init__.py").is_file()
+    # Then the check stops where there is nothing to measure, saying what to do.
+    assert proc.returncode == 2
+    assert "gpu_check: torch does not import" in proc.stdout

@@ -146,7 +146,7 @@ def test_choices_are_shown_in_help() -> None:
     runner = CliRunner()
     run_help = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "80"}).output
     assert "[auto|fp32|fp16|bf16]" in run_help and "[same|jpeg|png|webp]" in run_help
-    assert "[mimo-unet|mimo-unet-plus|mimo-unet-plusplus]" in run_help
+    assert "[mimo-unet|mimo-unet-plus|mimo-unet-plusplus|deblurgs]" in run_help
     assert "[debug|info|warning|error]" in run_help and "-v, --verbose" in run_help
     assert "[env var: RAY_ADDRESS]" in run_help
     plan_help = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "80"}).output

@@ -255,3 +255,18 @@ def test_synthetic_scenes_written_and_read_back(tmp_path) -> None:
     assert float((noisy - true).abs().max()) > 1e-3  # poses carry noise ...
     assert float((noisy - true).abs().max()) < 0.2  # ... of a realistic size
     assert (ref_base / "images" / "view_000.png").exists()
+
+
+def test_samples_scenes_command(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from deblur.cli import app
+
+    done = CliRunner().invoke(app, ["samples", "--scenes", "1", "--views", "2", "--size",
+                                    "24x16", str(tmp_path / "s")])
+    assert done.exit_code == 0, done.output
+    doc = json.loads((tmp_path / "s/scene_000/transforms.json").read_text())
+    assert len(doc["frames"]) == 2 and (doc["w"], doc["h"]) == (24, 16)
+    bad = CliRunner().invoke(app, ["samples", "--scenes", "1", "--size", "big",
+                                   str(tmp_path / "t")])
+    assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 # light: no torch, ray or pyarrow at import
-from deblur.config import MODEL_NAMES, OUTPUT_FORMATS, PRECISIONS
+from deblur.config import MODEL_NAMES, OUTPUT_FORMATS, PRECISIONS, SCENE_MODEL
 from deblur.console import printable
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_STOPPED, EXIT_RUNTIME = 0, 1, 2, 3, 4
@@ -110,8 +110,8 @@ ConfigFile = Annotated[Path | None, typer.Option(help="Job config YAML (see conf
 # The choices as the metavar, checked by the config (one line and exit 2 when wrong, where a
 # click Choice would print a boxed usage error).
 Model = Annotated[str | None, typer.Option(
-    metavar="[" + "|".join(MODEL_NAMES) + "]",
-    help="The network (default mimo-unet).")]
+    metavar="[" + "|".join(MODEL_NAMES + (SCENE_MODEL,)) + "]",
+    help="The network (default mimo-unet); deblurgs: SOURCE holds scene folders.")]
 Weights = Annotated[str | None, typer.Option(
     help="Checkpoint URI: path, file:// or s3:// (.pkl/.pth/.safetensors).")]
 RandomWeights = Annotated[bool, typer.Option(
@@ -775,10 +775,28 @@ def _manifest(prefix: str, out: str) -> None:
 def samples(
     folder: Annotated[Path, typer.Argument(help="Folder to write the sample images into.")],
     count: Annotated[int, typer.Option(help="How many images.")] = 8,
+    scenes: Annotated[int, typer.Option(
+        help="Write this many multi-view scenes (for --model deblurgs) instead.")] = 0,
+    views: Annotated[int, typer.Option(help="Views per scene (with --scenes).")] = 8,
+    size: Annotated[str, typer.Option(help="Scene view size WIDTHxHEIGHT.")] = "64x48",
 ) -> None:
-    """Make synthetic blurry sample images (known motion blur) for a demo job."""
+    """Make synthetic blurry sample images (known motion blur) for a demo job; with
+    --scenes, scenes of several views blurred by camera motion, with transforms.json."""
     from deblur.dev.samples import reference_folder, write_samples
 
+    if scenes:
+        from deblur.dev.scenes import write_scenes
+
+        width, _, height = size.lower().partition("x")
+        if not (width.isdigit() and height.isdigit() and int(width) >= 16
+                and int(height) >= 16 and views >= 2):
+            raise _fail(f"--size {size!r} / --views {views}: write WIDTHxHEIGHT of at least "
+                        "16x16 and 2 or more views", EXIT_USAGE)
+        written = write_scenes(folder, count=scenes, views=views, width=int(width),
+                               height=int(height))
+        _say(f"wrote {len(written)} scenes of {views} blurry views to {folder} (sharp "
+             f"references and true poses in {reference_folder(folder)})")
+        return
     paths = write_samples(folder, count=count)
     _say(f"wrote {len(paths)} blurry sample images to {folder} "
                f"(sharp references in {reference_folder(folder)})")

@@ -116,10 +116,14 @@ def render(gaussians: Gaussians, w2c: torch.Tensor, camera: Camera,
     device = depth.device
     width, height = camera.width, camera.height
     with torch.no_grad():
-        # each Gaussian's 3-sigma bounding box in pixels: the exact box of its ellipse
+        # each Gaussian's bounding box in pixels: the exact box of its ellipse out to 3 sigma,
+        # or to where its alpha falls below MIN_ALPHA if that is nearer (nothing is drawn
+        # beyond it anyway; a faint Gaussian then costs fewer pairs)
+        reach = torch.sqrt((2 * torch.log(gaussians.opacities().detach() / MIN_ALPHA))
+                           .clamp_min(0)).clamp_max(3)
         det = conics[..., 0] * conics[..., 2] - conics[..., 1] ** 2
-        ext_x = 3 * torch.sqrt((conics[..., 2] / det).clamp_min(0))
-        ext_y = 3 * torch.sqrt((conics[..., 0] / det).clamp_min(0))
+        ext_x = reach * torch.sqrt((conics[..., 2] / det).clamp_min(0))
+        ext_y = reach * torch.sqrt((conics[..., 0] / det).clamp_min(0))
         mx, my = means2d[..., 0], means2d[..., 1]
         x0 = (mx - ext_x - 0.5).ceil().clamp(0, width).long()  # pixel centres at +0.5
         x1 = (mx + ext_x - 0.5).floor().clamp(-1, width - 1).long() + 1

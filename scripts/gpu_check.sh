@@ -213,4 +213,7 @@ timeout -s INT -k 20 "$((left > 30 ? left - 10 : 20))" "$PY" bench/gpu.py \
   ${GPU_BENCH_ARGS:-} || bench_status=$?
 say "done in $((SECONDS - START)) s: preflight exit $status, tests exit $tests_status," \
     "bench exit $bench_status"
-[ "$status" -eq 0 ] && [ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+if [ "$status" -ne 0 ]; then
+  exit "$status"  # 3: the torchvision line above says what to install
+fi
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

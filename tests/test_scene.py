@@ -270,3 +270,18 @@ def test_samples_scenes_command(tmp_path) -> None:
     bad = CliRunner().invoke(app, ["samples", "--scenes", "1", "--size", "big",
                                    str(tmp_path / "t")])
     assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output
+
+
+def test_shipped_scene_configs() -> None:
+    """configs/scene-cpu.yaml loads as a scene job; default.yaml's scene: section says the
+    defaults (a YAML that drifted from the code would silently change jobs that copy it)."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    job = config_mod.load(root / "scene-cpu.yaml")
+    assert job.model.name == "deblurgs" and job.scene.steps == 300
+    documented = yaml.safe_load((root / "default.yaml").read_text())["scene"]
+    assert documented == {f: getattr(SceneConfig(), f) for f in documented}
+    assert set(documented) == set(SceneConfig.__dataclass_fields__)

@@ -78,3 +78,20 @@ def test_scene_job_rows_outputs_and_rerun(root: str, tmp_path: Path) -> None:
     assert not storage.exists(join(root, "out/scene_001/images/view_000.png"))
     status = ledger.status(ledger.index())
     assert (status.ok, status.failed, status.pending) == (7, 1, 0)
+
+
+def test_scene_report_sets_the_scene_series() -> None:
+    """A scene shard's report (steps, seconds, Gaussians) becomes the scene gauges; an image
+    shard's report leaves them absent."""
+    from prometheus_client import generate_latest
+
+    from deblur.observe.metrics import JobMetrics
+
+    metrics = JobMetrics("job-1", "deblurgs")
+    metrics.observe_shard({"worker": "w1", "ok": 3, "failed": 0, "metrics": {"wall_s": 9.0}})
+    assert "deblur_scene_gaussians{" not in generate_latest(metrics.registry).decode()
+    metrics.observe_shard({"worker": "w1", "ok": 3, "failed": 0, "metrics": {
+        "wall_s": 9.0, "scene": {"steps": 300, "seconds": 60.0, "gaussians": 4200}}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'deblur_scene_steps_per_second{job_id="job-1",worker="w1"} 5.0' in text
+    assert 'deblur_scene_gaussians{job_id="job-1",worker="w1"} 4200.0' in text

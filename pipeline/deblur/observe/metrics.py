@@ -141,6 +141,13 @@ class JobMetrics:
         self.engine_busy = Gauge("deblur_engine_busy_ratio", "Share of wall time the model "
                                  "ran (engine busy fraction over the worker's last shard)",
                                  ["job_id", "worker"], registry=r)
+        # Scene jobs (--model deblurgs): each worker's last fitted scene.
+        self.scene_steps = Gauge("deblur_scene_steps_per_second", "Optimisation steps per "
+                                 "second of the worker's last scene fit (scene jobs)",
+                                 ["job_id", "worker"], registry=r)
+        self.scene_gaussians = Gauge("deblur_scene_gaussians", "Gaussians in the worker's "
+                                     "last fitted scene (scene jobs)", ["job_id", "worker"],
+                                     registry=r)
         # The device's own figure, from NVML; only workers that could read it have a series.
         self.gpu_util = Gauge("deblur_gpu_utilization_ratio", "Device utilisation from NVML "
                               "(share of time a kernel ran, sampled when a shard ends)",
@@ -273,6 +280,10 @@ class JobMetrics:
             self.engine_busy.labels(job, worker).set(min(1.0, busy / m["wall_s"]))
         if m.get("gpu_utilization") is not None:
             self.gpu_util.labels(job, worker).set(m["gpu_utilization"])
+        scene = m.get("scene") or {}
+        if scene.get("seconds"):
+            self.scene_steps.labels(job, worker).set(scene["steps"] / scene["seconds"])
+            self.scene_gaussians.labels(job, worker).set(scene["gaussians"])
         self.gpu_memory.labels(job, worker).set(m.get("gpu_memory_bytes", 0))
         self.decode_queue.labels(job, worker).set(m.get("queue_peak", 0))
         self.fp32_reruns.labels(job).inc(m.get("fp32_reruns", 0))

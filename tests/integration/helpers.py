@@ -16,7 +16,7 @@ from deblur.io.storage import Storage
 from tests.conftest import jpeg
 
 __all__ = ["DEBLUR", "all_results", "assert_each_row_once", "jpeg", "kill_group", "run_cli",
-           "start_driver", "wait_for_results", "write_inputs"]
+           "start_driver", "stop_ray_of_this_run", "wait_for_results", "write_inputs"]
 
 DEBLUR = [sys.executable, "-m", "deblur.cli"]
 
@@ -73,3 +73,49 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*DEBLUR, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def stop_ray_of_this_run(timeout: float = 30.0) -> None:
+    """`ray stop --force` for this test run's Ray processes only.
+
+    `ray stop --force` kills every Ray process on the machine, those of another test run or a
+    user's too. Every Ray this run starts lives under its private RAY_TMPDIR
+    (tests/conftest.py), which its processes carry in their command line or environment; the
+    process kinds are the ones `ray stop` looks for. Processes that rename themselves beyond
+    recognition (idle workers) exit with their raylet.
+    """
+    from ray.autoscaler._private.constants import RAY_PROCESSES
+
+    root = os.environ["RAY_TMPDIR"]
+    mine = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            comm = Path(entry.path, "comm").read_text().strip()
+            args = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if not any((keyword in comm) if by_name else (keyword in args)
+                   for keyword, by_name in RAY_PROCESSES):
+            continue
+        if root in args or f"RAY_TMPDIR={root}".encode() in environ:
+            mine.append(int(entry.name))
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while mine and time.monotonic() < deadline:
+        mine = [pid for pid in mine if _alive(pid)]
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

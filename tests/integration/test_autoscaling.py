@@ -2,7 +2,8 @@
 
 The job's pending worker actors (each asking for one GPU, on a head without GPUs) must make
 the autoscaler launch GPU worker nodes, and those nodes must go away once the job is over and
-its actors are gone. This module owns the machine's Ray while it runs (`ray start`/`ray stop`).
+its actors are gone. The cluster is started with `ray start` (run serially: it is the only Ray
+of this test run while it lives) and stopped by stopping this run's Ray processes only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from deblur.job.ledger import Ledger
 from deblur.run.driver import execute, open_or_plan
 from deblur.io.storage import Storage
 
-from .helpers import assert_each_row_once, write_inputs
+from .helpers import assert_each_row_once, stop_ray_of_this_run, write_inputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,8 +34,26 @@ def _gpu_nodes() -> int:
 
 @pytest.fixture
 def autoscaling_cluster(monkeypatch: pytest.MonkeyPatch):
+    import subprocess
+
     import ray
+    from ray import cluster_utils
     from ray.cluster_utils import AutoscalingCluster
+
+    class OnlyThisRunsRay:
+        """`subprocess` as cluster_utils sees it, but its `ray stop --force` (which stops every
+        Ray on the machine, another test run's too) stops only this run's Ray."""
+
+        def __getattr__(self, name: str):
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def check_call(cmd, *args, **kwargs):
+            if list(cmd[:3]) == ["ray", "stop", "--force"]:
+                return stop_ray_of_this_run()
+            return subprocess.check_call(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(cluster_utils, "subprocess", OnlyThisRunsRay())
 
     class FakeProviderCluster(AutoscalingCluster):
         # The PyPI wheel lacks fake_multi_node/example.yaml: build the same config in code.

@@ -24,7 +24,7 @@ from deblur.errors import ConfigError
 from deblur.job.ledger import Ledger
 from deblur.io.storage import Storage
 from tests.conftest import free_port, jpeg
-from tests.integration.helpers import all_results
+from tests.integration.helpers import all_results, stop_ray_of_this_run
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -51,7 +51,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     try:
         yield {**env, "DEBLUR_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_of_this_run()  # not `ray stop --force`: that stops every Ray on the machine
 
 
 def _inputs(root: Path, count: int, corrupt: int = 0) -> Path:

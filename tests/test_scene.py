@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -285,3 +284,14 @@ def test_shipped_scene_configs() -> None:
     documented = yaml.safe_load((root / "default.yaml").read_text())["scene"]
     assert documented == {f: getattr(SceneConfig(), f) for f in documented}
     assert set(documented) == set(SceneConfig.__dataclass_fields__)
+
+
+def test_a_non_finite_loss_fails_the_scene_with_its_reason() -> None:
+    from deblur.scene.optimise import fit_scene
+
+    g = _random_gaussians(30, dtype=torch.float32)
+    image = torch.full((18, 24, 3), float("nan"))
+    with pytest.raises(SceneError, match="lower scene.lr_means") as err:
+        fit_scene(g, [image, image], [CAMERA, CAMERA], torch.eye(4)[None].repeat(2, 1, 1),
+                  SceneConfig(steps=3, subframes=2))
+    assert err.value.reason == "non_finite_loss"

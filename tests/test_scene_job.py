@@ -38,6 +38,14 @@ def _plan(root: str, tmp_path: Path, storage: Storage) -> Ledger:
     storage.put(join(root, "src/scene_001/transforms.json"), json.dumps(broken).encode())
     whole = (tmp_path / "scenes/scene_001/images/view_000.png").read_bytes()
     storage.put(join(root, "src/scene_001/images/view_003.png"), whole[:len(whole) // 2])
+    # a fourth scene with two views: fewer than scene.min_views
+    two = json.loads((tmp_path / "scenes/scene_000/transforms.json").read_text())
+    two["frames"] = two["frames"][:2]
+    del two["ply_file_path"]
+    storage.put(join(root, "src/scene_003/transforms.json"), json.dumps(two).encode())
+    for name in ("view_000.png", "view_001.png"):
+        storage.put(join(root, f"src/scene_003/images/{name}"),
+                    (tmp_path / f"scenes/scene_000/images/{name}").read_bytes())
     job = job_config(join(root, "src"), join(root, "out"), join(root, "job"), **QUICK)
     return Ledger.create(storage, job, job_id="scenes", model_info={})
 
@@ -45,16 +53,18 @@ def _plan(root: str, tmp_path: Path, storage: Storage) -> Ledger:
 def test_scene_job_rows_outputs_and_rerun(root: str, tmp_path: Path) -> None:
     storage = Storage()
     ledger = _plan(root, tmp_path, storage)
-    assert len(ledger.shard_ids()) == 3  # one shard per scene, not shard_size rows
+    assert len(ledger.shard_ids()) == 4  # one shard per scene, not shard_size rows
     processor = SceneProcessor(ledger.config(), "test-worker")
     reports = [processor.process(ledger.job_root, shard, 1) for shard in ledger.shard_ids()]
-    assert [(r["ok"], r["failed"]) for r in reports] == [(3, 0), (3, 1), (0, 1)]
+    assert [(r["ok"], r["failed"]) for r in reports] == [(3, 0), (3, 1), (0, 1), (0, 2)]
     assert reports[0]["metrics"]["scene"]["steps"] == 12
     rows = {r["key"].split("/src/")[1]: r for t in ledger.iter_results() for r in t.to_pylist()}
-    assert len(rows) == 8  # every view exactly once
+    assert len(rows) == 10  # every view exactly once
     assert rows["scene_001/images/view_003.png"]["reason"] in ("truncated", "corrupt")
     assert rows["scene_002/images/view_000.png"]["reason"] == "no_poses"
     assert "transforms.json" in rows["scene_002/images/view_000.png"]["error"]
+    assert rows["scene_003/images/view_001.png"]["reason"] == "too_few_views"
+    assert "scene.min_views=3" in rows["scene_003/images/view_001.png"]["error"]
     ok = rows["scene_000/images/view_001.png"]
     assert ok["status"] == "ok" and ok["fit_psnr"] > 10 and ok["scene_steps"] == 12
     assert ok["scene_gaussians"] > 100 and ok["scene_seconds"] > 0
@@ -71,13 +81,13 @@ def test_scene_job_rows_outputs_and_rerun(root: str, tmp_path: Path) -> None:
     storage.put(join(root, "src/scene_001/images/view_003.png"),
                 (tmp_path / "scenes/scene_001/images/view_000.png").read_bytes())
     storage.delete(join(root, "out/scene_001/images/view_000.png"))
-    assert ledger.rerun_selection() == [1, 2]
+    assert ledger.rerun_selection() == [1, 2, 3]
     again = processor.process(ledger.job_root, 1, 2)
     assert (again["ok"], again["failed"]) == (1, 0) and again["metrics"]["scene"]["views"] == 4
     assert storage.exists(join(root, "out/scene_001/images/view_003.png"))
     assert not storage.exists(join(root, "out/scene_001/images/view_000.png"))
     status = ledger.status(ledger.index())
-    assert (status.ok, status.failed, status.pending) == (7, 1, 0)
+    assert (status.ok, status.failed, status.pending) == (7, 3, 0)
 
 
 def test_scene_report_sets_the_scene_series() -> None:

@@ -22,17 +22,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from deblur.config import JobConfig
-from deblur.errors import ImageError, SceneError, one_line
-from deblur.io.codec import decode, encode, content_type
+from deblur.config import JobConfig, from_dict
+from deblur.errors import ImageError, NotFoundError, SceneError, one_line
+from deblur.io.codec import content_type, decode, encode
 from deblur.io.storage import Storage, as_folder, get_storage
 from deblur.job.ledger import Ledger
 from deblur.job.results import RESULT_SCHEMA, result_row
 from deblur.observe.quality import psnr, ssim
 from deblur.scene.gaussians import Gaussians, ply_bytes
 from deblur.scene.optimise import SceneFit, fit_scene, render_views
-from deblur.scene.raster import Camera, renderer_for
+from deblur.scene.raster import renderer_for
 from deblur.scene.readers import COLMAP_DIRS, SceneData, read_scene
+from deblur.run.worker import worker_name
 from deblur.scene.se3 import camera_centre
 
 log = logging.getLogger("deblur.run.scene_worker")
@@ -166,7 +167,7 @@ class SceneProcessor:
             raise SceneError("no_poses", "no poses for this view's scene: put transforms.json "
                              "or sparse/0/{cameras,images,points3D}.txt in its scene folder")
         paths = {info.key for info in self.storage.list(folder)}
-        scene = read_scene(paths, lambda rel: self.storage.get(folder + rel), folder)
+        scene = read_scene(paths, lambda rel: self._scene_file(folder, rel), folder)
         by_path = {view.path: view for view in scene.views}
         views, images, cameras, inputs = [], [], [], []
         for row in rows:
@@ -224,6 +225,13 @@ class SceneProcessor:
         return {"steps": fit.steps, "seconds": fit.seconds, "gaussians": len(fit.gaussians),
                 "views": len(views)}
 
+    def _scene_file(self, folder: str, rel: str) -> bytes:
+        try:
+            return self.storage.get(folder + rel)
+        except NotFoundError:
+            raise SceneError("bad_scene", f"{folder}{rel}, named by the scene's poses, does "
+                             "not exist: add it or remove its mention") from None
+
     def _write_view(self, row: dict[str, Any], image: Any, pixels: np.ndarray,
                     output: torch.Tensor, fit: SceneFit, index: int, size: int
                     ) -> dict[str, Any]:
@@ -269,9 +277,6 @@ class SceneWorkerActor:
     start_error = None
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from deblur.config import from_dict
-        from deblur.run.worker import worker_name
-
         logging.basicConfig(level=logging.INFO)
         self.processor = SceneProcessor(from_dict(config), worker_name())
 

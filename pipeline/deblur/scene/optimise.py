@@ -157,8 +157,9 @@ class _Fit:
         if config.ssim_lambda:
             loss = loss + config.ssim_lambda * ssim_map_loss(blurry, target)
         if not torch.isfinite(loss):
-            raise SceneError("non_finite_loss", f"the loss became {float(loss)} at step "
-                             f"{step}: lower scene.lr_means / scene.lr_pose or check the poses")
+            value = float(loss.detach())
+            raise SceneError("non_finite_loss", f"the loss became {value} at step {step}: "
+                             "lower scene.lr_means / scene.lr_pose or check the poses")
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()

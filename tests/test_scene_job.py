@@ -105,3 +105,18 @@ def test_scene_report_sets_the_scene_series() -> None:
     text = generate_latest(metrics.registry).decode()
     assert 'deblur_scene_steps_per_second{job_id="job-1",worker="w1"} 5.0' in text
     assert 'deblur_scene_gaussians{job_id="job-1",worker="w1"} 4200.0' in text
+
+
+def test_the_progress_line_counts_scenes_for_a_scene_job() -> None:
+    import io
+
+    from deblur.console import ProgressView
+    from deblur.run.pool import Progress
+
+    progress = Progress(shards_total=4, shards_done=1, rows_total=32, rows_done=8)
+    scenes = ProgressView(io.StringIO(), tty=False, scenes=True)
+    scenes.update(progress)
+    assert scenes.line().startswith("1/4 scenes  8/32 images")
+    images = ProgressView(io.StringIO(), tty=False)
+    images.update(progress)
+    assert images.line().startswith("8/32 images")

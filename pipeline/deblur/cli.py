@@ -252,7 +252,8 @@ def _execute(run_config: Any, ledger: Any, shards: list[int], rows: int, out: _O
     out.log_path = job_log_path(ledger.job_root, ledger.job()["job_id"])
     attach_job_log(out.log_path)
     out.info(f"log: {out.log_path}")
-    view = None if out.quiet else ProgressView(sys.stderr).start()
+    view = None if out.quiet else ProgressView(
+        sys.stderr, scenes=run_config.model.name == SCENE_MODEL).start()
     try:
         return execute(run_config, ledger, shards, rows,
                        on_progress=None if view is None else view.update, verbose=out.verbose)

@@ -81,7 +81,8 @@ class ProgressView:
     def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None,
                  interval: float = PLAIN_INTERVAL_S, refresh: float = REFRESH_S,
                  clock: Callable[[], float] = time.monotonic,
-                 window: float = RATE_WINDOW_S) -> None:
+                 window: float = RATE_WINDOW_S, scenes: bool = False) -> None:
+        self.scenes = scenes  # a scene job: a shard is a scene, counted first on the line
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval, self.refresh, self.clock, self.window = interval, refresh, clock, window
@@ -122,7 +123,8 @@ class ProgressView:
         eta = hms(left / rate) if rate > 0 else ("0:00:00" if left == 0 else hms(None))
         # Refreshed once a second by the pool: never shown once nothing is pending.
         waiting = getattr(p, "waiting_for", "") if p.workers_pending else ""
-        return (f"{p.rows_done}/{p.rows_total} images  {rate:.2f}/s  ETA {eta}  "
+        scenes = f"{p.shards_done}/{p.shards_total} scenes  " if self.scenes else ""
+        return (f"{scenes}{p.rows_done}/{p.rows_total} images  {rate:.2f}/s  ETA {eta}  "
                 f"{p.failed} failed  workers {p.workers_active} active, "
                 f"{p.workers_pending} pending"
                 + (f" (waiting for {waiting})" if waiting else ""))

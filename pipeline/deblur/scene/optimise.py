@@ -106,7 +106,7 @@ class _Fit:
         gen = torch.Generator().manual_seed(config.seed)
         views = len(w2c)
         direction = torch.randn(views, 6, generator=gen)
-        direction = INIT_MOTION * direction / direction.norm(dim=1, keepdim=True)
+        direction = (INIT_MOTION * direction / direction.norm(dim=1, keepdim=True)).to(w2c)
         self.xi_start = (-direction / 2).requires_grad_(True)
         self.xi_end = (direction / 2).requires_grad_(True)
         self.g = gaussians
@@ -127,13 +127,13 @@ class _Fit:
             {"params": [self.g.f_dc], "lr": config.lr_colour, "name": "f_dc"},
             {"params": [self.xi_start, self.xi_end], "lr": config.lr_pose, "name": "pose"},
         ], eps=1e-15)
-        self.times = torch.linspace(0, 1, config.subframes)
+        self.times = torch.linspace(0, 1, config.subframes, device=w2c.device)
         self._reset_stats()
 
     def _reset_stats(self) -> None:
         g = len(self.g)
-        self.grad_sum = torch.zeros(g)
-        self.grad_count = torch.zeros(g)
+        self.grad_sum = torch.zeros(g, device=self.w2c.device)
+        self.grad_count = torch.zeros(g, device=self.w2c.device)
 
     def poses(self, view: int, times: torch.Tensor) -> torch.Tensor:
         """(T, 4, 4) world-to-camera poses of ``view`` at exposure times ``times`` in [0, 1]."""
@@ -165,7 +165,8 @@ class _Fit:
         self.optimiser.step()
         with torch.no_grad():
             # the screen-space gradient in 3DGS's units (normalised device coordinates)
-            grad = out.means2d.grad * torch.tensor([camera.width / 2, camera.height / 2])
+            grad = out.means2d.grad * torch.tensor([camera.width / 2, camera.height / 2],
+                                                   device=self.w2c.device)
             seen = out.visible.any(0)
             self.grad_sum[seen] += grad.norm(dim=-1).amax(0)[seen]
             self.grad_count[seen] += 1
@@ -274,7 +275,8 @@ def fit_scene(gaussians: Gaussians, images: list[torch.Tensor], cameras: list[Ca
             mse = float(((blurry.clamp(0, 1) - images[view]) ** 2).mean())
             fit_psnr.append(10 * math.log10(1 / max(mse, 1e-12)))
         starts, mids, ends = (
-            torch.stack([fit.poses(v, torch.tensor([t]))[0] for v in range(views)])
+            torch.stack([fit.poses(v, torch.tensor([t], device=w2c.device))[0]
+                         for v in range(views)])
             for t in (0.0, 0.5, 1.0))
         scene = Gaussians(**{n: t.detach() for n, t in fit.g.tensors().items()})
     return SceneFit(scene, starts, mids, ends, fit_psnr, config.steps,

@@ -45,7 +45,7 @@ _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret
 
 # -- test tiers ------------------------------------------------------------------------------
 # The quick tier (`scripts/test.sh --quick`, `-m QUICK_MARKEXPR`) is every test that needs no
-# Ray, no server and no training. Two hooks keep it that way without anyone remembering to:
+# Ray, no server and no training. Two hooks keep it so, with nobody having to remember:
 # - at collection, a test that uses a fixture starting a server or Ray (directly or through
 #   another fixture) is marked `integration`: SERVER_FIXTURES names them;
 # - at run time, a test left unmarked that still starts Ray (in this process or in any child:
@@ -149,7 +149,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         return
     _Watch.item = None
     used = sorted(set(_Watch.used))
-    if len(_ray_sessions() - _Watch.sessions) or (_ray_initialized() and not _Watch.ray_up):
+    if _ray_sessions() - _Watch.sessions or (_ray_initialized() and not _Watch.ray_up):
         used.append("Ray")
     if used:
         report = outcome.get_result()

@@ -125,13 +125,15 @@ def test_the_progress_line_counts_scenes_for_a_scene_job() -> None:
 def test_a_manifest_groups_views_by_scene_folder_and_its_references_give_quality(
         tmp_path: Path) -> None:
     """A manifest beside the scene folders: rows grouped by their first folder, and the
-    `reference` column turns into PSNR/SSIM of the output and of the input."""
+    `reference` column turns into PSNR/SSIM of the output and of the input; a reference that
+    does not decode fails its view only."""
     scenes = tmp_path / "scenes"
     write_scenes(scenes, count=2, views=3, width=32, height=24)
     refs = tmp_path / "scenes-reference"
     lines = ["key,reference"] + [
         f"scene_{s:03d}/images/view_{v:03d}.png,{refs}/scene_{s:03d}/images/view_{v:03d}.png"
         for v in range(3) for s in range(2)]  # scenes interleaved in the manifest
+    (refs / "scene_001/images/view_002.png").write_bytes(b"not an image")
     (scenes / "views.csv").write_text("\n".join(lines) + "\n")
     job = job_config(str(scenes / "views.csv"), str(tmp_path / "out"), str(tmp_path / "job"),
                      allow_prefixes=(str(tmp_path),), **QUICK)
@@ -140,8 +142,11 @@ def test_a_manifest_groups_views_by_scene_folder_and_its_references_give_quality
     assert sorted(len(keys) for keys in shards) == [3, 3]
     assert all(len({k.split("/scenes/")[1][:9] for k in keys}) == 1 for keys in shards)
     processor = SceneProcessor(ledger.config(), "test-worker")
-    for shard in ledger.shard_ids():
-        assert processor.process(ledger.job_root, shard, 1)["ok"] == 3
+    reports = [processor.process(ledger.job_root, shard, 1) for shard in ledger.shard_ids()]
+    assert sorted((r["ok"], r["failed"]) for r in reports) == [(2, 1), (3, 0)]
     rows = [r for t in ledger.iter_results() for r in t.to_pylist()]
-    assert all(r["psnr"] is not None and r["psnr_in"] is not None and r["ssim"] is not None
-               for r in rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 5 and all(r["psnr"] is not None and r["psnr_in"] is not None
+                                and r["ssim"] is not None for r in ok)
+    (bad,) = [r for r in rows if r["status"] == "failed"]  # its reference, not its scene
+    assert bad["key"].endswith("scene_001/images/view_002.png") and bad["reason"]

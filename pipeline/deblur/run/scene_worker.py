@@ -220,8 +220,11 @@ class SceneProcessor:
         for index, (row, view, image, full, size) in enumerate(views):
             if row["row_id"] not in wanted:
                 continue  # ok on an earlier run: took part in the fit, not rewritten
-            answers[row["row_id"]] = self._write_view(
-                row, image, inputs[index], outputs[index], fit, index, size)
+            try:
+                answers[row["row_id"]] = self._write_view(
+                    row, image, inputs[index], outputs[index], fit, index, size)
+            except ImageError as exc:  # this view's output or reference, not the scene
+                fail(row, exc)
         return {"steps": fit.steps, "seconds": fit.seconds, "gaussians": len(fit.gaussians),
                 "views": len(views)}
 

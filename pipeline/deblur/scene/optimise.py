@@ -244,6 +244,9 @@ def fit_scene(gaussians: Gaussians, images: list[torch.Tensor], cameras: list[Ca
               on_step: Callable[[int, int], None] | None = None) -> SceneFit:
     """Fit ``gaussians`` and the views' motions to blurry ``images`` (H, W, 3) in [0, 1].
 
+    ``gaussians`` is optimised in place (densification replaces its tensors); the returned
+    ``SceneFit.gaussians`` is a detached copy of the result.
+
     Args:
         cameras: each view's intrinsics at its image's size.
         w2c: (V, 4, 4) initial world-to-camera poses (OpenCV axes).

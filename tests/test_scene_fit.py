@@ -19,8 +19,8 @@ from deblur.scene.se3 import camera_centre, rotation_angle
 
 pytestmark = pytest.mark.slow
 
-# A CPU schedule: the paper's 30,000 steps compressed to 250, with learning rates raised
-# to match (the defaults are the paper's; docs/benchmarks.md has this run's figures).
+# A CPU schedule: 3DGS's 30,000 steps compressed to 250, with learning rates raised
+# to match (docs/benchmarks.md has this run's figures).
 CPU_SCHEDULE = SceneConfig(steps=250, subframes=4, densify_from=50, densify_until=175,
                            densify_every=50, densify_anneal_until=150, opacity_reset_every=0,
                            lr_means=0.0016, lr_means_final=0.00016, lr_colour=0.01,

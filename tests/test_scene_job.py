@@ -88,6 +88,10 @@ def test_scene_job_rows_outputs_and_rerun(root: str, tmp_path: Path) -> None:
     assert not storage.exists(join(root, "out/scene_001/images/view_000.png"))
     status = ledger.status(ledger.index())
     assert (status.ok, status.failed, status.pending) == (7, 3, 0)
+    # what the pool asks of a shard that kept killing its workers: these rows, uncommitted
+    isolated = processor.process_rows(ledger.job_root, 0, 3, [0, 2])
+    assert [(r["row_id"], r["status"], r["attempt"]) for r in isolated] == [
+        (0, "ok", 3), (2, "ok", 3)]
 
 
 def test_scene_report_sets_the_scene_series() -> None:

@@ -129,6 +129,17 @@ class SceneProcessor:
                             "bytes_out": sum(r["bytes_out"] or 0 for r in results),
                             "scene": scene_info}}
 
+    def process_rows(self, job_root: str, shard_id: int, attempt: int,
+                     row_ids: list[int]) -> list[dict[str, Any]]:
+        """Result rows of these views, uncommitted: what the pool asks of a shard that kept
+        killing its workers (a scene cannot be cut into images: the whole scene is fitted
+        once more and only these rows are answered)."""
+        rows = Ledger(self.storage, job_root).read_shard(shard_id).to_pylist()
+        results, _ = self._scene(job_root, shard_id, rows, set(row_ids))
+        for result in results:
+            result["attempt"] = attempt
+        return results
+
     # -- one scene ---------------------------------------------------------------------------
 
     def _scene(self, job_root: str, shard_id: int, rows: list[dict[str, Any]],
@@ -291,3 +302,7 @@ class SceneWorkerActor:
 
     def process(self, job_root: str, shard_id: int, attempt: int) -> dict[str, Any]:
         return self.processor.process(job_root, shard_id, attempt)
+
+    def process_rows(self, job_root: str, shard_id: int, attempt: int,
+                     row_ids: list[int]) -> list[dict[str, Any]]:
+        return self.processor.process_rows(job_root, shard_id, attempt, row_ids)

@@ -586,8 +586,10 @@ def _status(job_root: str, as_json: bool) -> None:
     model = ledger.job().get("model") or {}
     _say(f"job {ledger.job_root}")
     _say(f"  state: {state}" + (f": {error}" if error else ""))
-    _say(f"  model: {model.get('name') or ledger.config().model.name}, "
+    name = model.get("name") or ledger.config().model.name
+    _say(f"  model: {name}, "
                + ("RANDOM weights (outputs are NOT deblurred)" if model.get("random_weights")
+                  else "fitted per scene (no weights)" if name == SCENE_MODEL
                   else f"weights {model.get('weights')} (sha256 "
                        f"{(model.get('weights_sha256') or '?')[:12]})"))
     _say(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "

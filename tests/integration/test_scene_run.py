@@ -39,6 +39,7 @@ def test_scene_job_run_rerun_status_report(root: str, tmp_path: Path) -> None:
     assert (summary["ok"], summary["failed"]) == (3, 3)
     status = json.loads(run_cli("status", job, "--json").stdout)
     assert status["failures_by_reason"] == {"no_poses": 3}
+    assert "model: deblurgs, fitted per scene (no weights)" in run_cli("status", job).stdout
     assert storage.exists(join(root, "out/scene_000/images/view_002.png"))
     assert storage.exists(join(job, "scenes/00000/scene.ply"))
     assert storage.exists(join(job, "scenes/00000/trajectories.json"))

@@ -224,6 +224,8 @@ def test_scene_config_defaults_and_refusals(tmp_path) -> None:
     path.write_text("model:\n  name: deblurgs\nscene:\n  steps: 10\n  bogus: 1\n")
     with pytest.raises(ConfigError, match="scene.bogus"):
         config_mod.load(path)
+    with pytest.raises(ConfigError, match="plan_tasks: 0"):
+        config_mod.load(None, {"model.name": "deblurgs", "plan_tasks": 4})
     with pytest.raises(ConfigError, match="drop --weights"):
         config_mod.load(None, {"model.name": "deblurgs", "model.weights": "w.safetensors"})
 

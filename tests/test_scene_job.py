@@ -154,3 +154,21 @@ def test_a_manifest_groups_views_by_scene_folder_and_its_references_give_quality
                                 and r["ssim"] is not None for r in ok)
     (bad,) = [r for r in rows if r["status"] == "failed"]  # its reference, not its scene
     assert bad["key"].endswith("scene_001/images/view_002.png") and bad["reason"]
+
+
+def test_a_manifest_scene_column_groups_the_views(tmp_path: Path) -> None:
+    """A manifest above the scene folders: its `scene` column, not the first folder (here the
+    same `scenes/` for every view), decides which views form a scene."""
+    write_scenes(tmp_path / "scenes", count=2, views=3, width=32, height=24)
+    lines = ["key,scene"] + [f"scenes/scene_{s:03d}/images/view_{v:03d}.png,s{s}"
+                             for v in range(3) for s in range(2)]
+    (tmp_path / "views.csv").write_text("\n".join(lines) + "\n")
+    job = job_config(str(tmp_path / "views.csv"), str(tmp_path / "out"),
+                     str(tmp_path / "job"), **QUICK)
+    ledger = Ledger.create(Storage(), job, job_id="column", model_info={})
+    shards = [ledger.read_shard(s)["key"].to_pylist() for s in ledger.shard_ids()]
+    assert [[k.split("/scenes/")[1][:9] for k in keys] for keys in shards] == [
+        ["scene_000"] * 3, ["scene_001"] * 3]
+    processor = SceneProcessor(ledger.config(), "test-worker")
+    assert [processor.process(ledger.job_root, s, 1)["ok"] for s in ledger.shard_ids()] \
+        == [3, 3]

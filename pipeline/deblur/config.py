@@ -511,6 +511,9 @@ class JobConfig:
                         self.scheduler, self.metrics, self.quality, self.scene):
             section.validate()
         # Rules across sections: each would otherwise fail on every worker after Ray started.
+        if self.model.name == SCENE_MODEL and self.plan_tasks:
+            raise ConfigError(f"plan_tasks={self.plan_tasks}: a scene job plans one shard per "
+                              "scene in one process; set plan_tasks: 0")
         if self.codec.backend == "nvjpeg" and self.model.device == "cpu":
             raise ConfigError("codec.backend=nvjpeg decodes on the GPU but model.device=cpu: "
                               "choose codec.backend auto or pillow, or model.device auto/cuda")

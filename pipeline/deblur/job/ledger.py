@@ -66,7 +66,7 @@ from deblur.job.lease import Lease, LeaseFile, LeaseKeeper, claim, json_object, 
 from deblur.job.manifest import SHARD_SCHEMA, PlanCounts, iter_shards, plan_rows
 from deblur.job.results import (INDEX_SCHEMA, RESULT_SCHEMA, ShardSummary, parquet_bytes,
                                 read_parquet, summarise)
-from deblur.scene.plan import iter_scene_shards
+from deblur.scene.plan import iter_scene_shards, manifest_scenes
 
 log = logging.getLogger("deblur.job.ledger")
 
@@ -279,7 +279,8 @@ class Ledger:
         with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="plan") as pool:
             in_flight: list[Any] = []
             # a scene job's shard is one scene (its views), not shard_size rows
-            tables = (iter_scene_shards(batches, planner.base)
+            tables = (iter_scene_shards(batches, planner.base,
+                                        manifest_scenes(config.source, storage))
                       if config.model.name == SCENE_MODEL
                       else iter_shards(batches, config.shard_size))
             for table in tables:

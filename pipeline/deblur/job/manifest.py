@@ -209,7 +209,7 @@ def _parquet_batches(stream: RangedFile, source: str) -> Iterator[pa.RecordBatch
         raise ManifestError(f"manifest {source} is not a readable Parquet file: "
                             f"{one_line(exc)}") from None
     names = reader.schema_arrow.names
-    wanted = [n for n in ("key", "uri", "output_key", "reference") if n in names]
+    wanted = [n for n in ("key", "uri", "output_key", "reference", "scene") if n in names]
     if not {"key", "uri"} & set(wanted):
         raise ManifestError(_no_key_column(source, names))
     # One row group at a time (asked for one by one: a reader given them all may fetch them
@@ -226,7 +226,8 @@ def _csv_batches(stream: RangedFile) -> Iterator[pa.RecordBatch]:
         stream,
         read_options=pcsv.ReadOptions(block_size=PARSE_BLOCK_BYTES, use_threads=False),
         convert_options=pcsv.ConvertOptions(
-            column_types={c: pa.string() for c in ("key", "uri", "output_key", "reference")},
+            column_types={c: pa.string()
+                          for c in ("key", "uri", "output_key", "reference", "scene")},
             strings_can_be_null=False))
     yield from reader
 
@@ -234,7 +235,8 @@ def _csv_batches(stream: RangedFile) -> Iterator[pa.RecordBatch]:
 def _json_batches(stream: RangedFile) -> Iterator[pa.RecordBatch]:
     import pyarrow.json as pjson
 
-    schema = pa.schema([(c, pa.string()) for c in ("key", "uri", "output_key", "reference")])
+    schema = pa.schema([(c, pa.string())
+                        for c in ("key", "uri", "output_key", "reference", "scene")])
     reader = pjson.open_json(
         stream, read_options=pjson.ReadOptions(block_size=PARSE_BLOCK_BYTES,
                                                use_threads=False),
@@ -263,7 +265,7 @@ def _normalise(batch: pa.RecordBatch, source: str) -> pa.RecordBatch:
         raise ManifestError(_no_key_column(source, names))
     keys = batch.column(column).cast(pa.string())
     columns = {"key": keys}
-    for extra in ("output_key", "reference"):
+    for extra in ("output_key", "reference", "scene"):  # scene: scene jobs' grouping
         if extra in names:
             columns[extra] = batch.column(extra).cast(pa.string())
     return pa.RecordBatch.from_pydict(columns)

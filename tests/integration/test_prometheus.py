@@ -12,6 +12,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -95,8 +97,18 @@ def test_dashboard_queries_return_data_for_a_real_job(shared_ray, prometheus,
     for i in range(10):
         (src / f"{i}.jpg").write_bytes(jpeg(160, 120, i))
     (src / "broken.jpg").write_bytes(b"not an image")
+    # An evaluation job (a reference per row) so that the dashboard's reference panels have
+    # their series too.
+    refs = src / "refs"
+    refs.mkdir()
+    for i in range(10):
+        (refs / f"{i}.jpg").write_bytes(jpeg(160, 120, i + 100))
+    keys = [f"{i}.jpg" for i in range(10)] + ["broken.jpg"]
+    pq.write_table(pa.table({"key": keys,
+                             "reference": [str(refs / k) for k in keys[:10]] + [None]}),
+                   src / "eval.parquet")
     job = config_mod.load(None, {
-        "source": str(src), "destination": str(tmp_path / "out"), "shard_size": 3,
+        "source": str(src / "eval.parquet"), "destination": str(tmp_path / "out"), "shard_size": 3,
         "model.random_weights": True, "metrics.port": metrics_port,
         "metrics.snapshot_interval_s": 1.0, "batch.max_batch": 2})
     ledger = open_or_plan(job, Storage(), resume=False)

@@ -127,7 +127,20 @@ class ProgressView:
         return (f"{scenes}{p.rows_done}/{p.rows_total} images  {rate:.2f}/s  ETA {eta}  "
                 f"{p.failed} failed  workers {p.workers_active} active, "
                 f"{p.workers_pending} pending"
-                + (f" (waiting for {waiting})" if waiting else ""))
+                + (f" (waiting for {waiting})" if waiting else "")
+                + (self._fitting(p) if self.scenes else ""))
+
+    @staticmethod
+    def _fitting(p: Any) -> str:
+        """'  fitting scene 3: step 120/3000' for the scenes being optimised now (three at most
+        by shard, then how many more), so a minutes-long fit visibly moves."""
+        fitting = sorted(getattr(p, "fitting", {}).items())
+        if not fitting:
+            return ""
+        shown = ", ".join(f"scene {shard}: step {step}/{steps}"
+                          for shard, (step, steps) in fitting[:3])
+        more = f" and {len(fitting) - 3} more" if len(fitting) > 3 else ""
+        return f"  fitting {shown}{more}"
 
     def _renderable(self) -> Any:
         from rich.progress_bar import ProgressBar

@@ -5,7 +5,9 @@ scene; `status`, `report` and `list` work on the job as on an image job."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,34 @@ def test_scene_job_run_rerun_status_report(root: str, tmp_path: Path) -> None:
     assert run_cli("report", job).returncode == 0
     listed = run_cli("list", out, "--json")
     assert listed.returncode == 0 and '"ok": 6' in listed.stdout
+
+
+def test_the_live_line_shows_the_steps_of_the_scene_being_fitted(shared_ray,
+                                                                  tmp_path: Path) -> None:
+    """A scene fit runs minutes inside one shard: the pool asks its worker for the step while
+    it runs, so the line moves between commits (and says nothing once the scene is done)."""
+    from deblur.console import ProgressView
+    from deblur.job.ledger import Ledger
+    from deblur.run.pool import ActorPool
+    from tests.conftest import job_config
+
+    write_scenes(tmp_path / "src", count=1, views=3, width=32, height=24)
+    job = job_config(str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "job"), **{
+        "model.random_weights": False, "model.name": "deblurgs", "scene.steps": 400,
+        "scene.subframes": 2, "scene.densify_from": 100, "scene.densify_every": 100,
+        "scene.densify_until": 200, "metrics.enabled": False, "scheduler.max_workers": 1})
+    ledger = Ledger.create(Storage(), job, job_id="live", model_info={})
+    lines: list[str] = []
+    view = ProgressView(io.StringIO(), tty=False, scenes=True)
+
+    def on_progress(progress) -> None:
+        view.update(progress)
+        lines.append(view.line())
+
+    progress = ActorPool(ledger.config(), ledger, on_progress).run(ledger.shard_ids(), 3)
+    assert (progress.ok, progress.failed) == (3, 0)
+    steps = [int(m.group(1)) for line in lines
+             for m in [re.search(r"fitting scene 0: step (\d+)/400", line)] if m]
+    assert [s for s in steps if 0 < s < 400], lines[-3:]  # seen mid-fit, not only at the end
+    assert steps == sorted(steps)  # the step only moves forward
+    assert "fitting" not in lines[-1]  # the committed scene is no longer shown as fitting

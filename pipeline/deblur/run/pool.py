@@ -39,6 +39,9 @@ log = logging.getLogger("deblur.run.pool")
 NODE_LABEL = "ray.io/node-id"
 """The label Ray gives every node: new workers are kept off nodes where one failed to start."""
 
+FIT_POLL_S = 2.0
+"""How often the driver asks scene workers how far their fits are (the progress line's steps)."""
+
 _LOST = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
          "NodeDiedError", "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError")
 
@@ -92,6 +95,9 @@ class Progress:
     cancelled: bool = False
     waiting_for: str = ""
     """What a pending worker asks for (e.g. "GPU: 1, CPU: 1"), while one waits to be placed."""
+    fitting: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Scene jobs: shard -> (optimisation step, steps) of each scene being fitted now, as its
+    worker last said (polled every ``FIT_POLL_S``)."""
 
     @property
     def images_per_s(self) -> float:
@@ -129,6 +135,11 @@ class ActorPool:
         actor = actor_class or ray.remote(
             SceneWorkerActor if config.model.name == SCENE_MODEL else WorkerActor)
         self.actor = actor
+        # Scene fits run for minutes inside one shard: their workers are asked for their step
+        # (a threaded call beside the fit), so the line moves between shard commits.
+        self.scene_job = config.model.name == SCENE_MODEL
+        self.fit_refs: dict[Any, str] = {}  # fit_progress ref -> actor name
+        self.last_fit_poll = 0.0
         self.actor_kwargs: dict[str, Any] = dict(
             num_gpus=config.worker.gpus_per_worker, num_cpus=config.worker.cpus_per_worker,
             max_concurrency=sched.shards_per_worker + 1,  # +1: ready() never waits on a shard
@@ -220,6 +231,8 @@ class ActorPool:
                 self._wait(progress)
                 self._watch(progress)  # start timeout and shard deadlines: nothing waits forever
                 self._maybe_write_index()
+                if self.scene_job:
+                    self._poll_fits(progress)
                 progress.workers_active = sum(s.ready for s in self.actors.values())
                 progress.workers_pending = len(self.actors) - progress.workers_active
                 if self.metrics is not None:
@@ -333,6 +346,34 @@ class ActorPool:
                 self._on_ready(slot, ref)
             else:
                 self._on_shard(slot, ref, progress)
+
+    def _poll_fits(self, progress: Progress) -> None:
+        """Collect the scene workers' answers to the last poll, then ask again every
+        ``FIT_POLL_S``; never blocks the loop (answers are taken when they are there)."""
+        if self.fit_refs:
+            done, _ = self.ray.wait(list(self.fit_refs), num_returns=len(self.fit_refs),
+                                    timeout=0, fetch_local=True)
+            for ref in done:
+                self.fit_refs.pop(ref)
+                try:
+                    current = self.ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a lost worker is handled by _wait
+                    log.debug("fit progress: %s", one_line(exc))
+                    continue
+                if current:
+                    progress.fitting[int(current["shard"])] = (int(current["step"]),
+                                                                int(current["steps"]))
+        running = {shard for slot in self.actors.values()
+                   for shard, _attempt in slot.in_flight.values()}
+        for shard in [s for s in progress.fitting if s not in running]:
+            del progress.fitting[shard]  # committed, failed or requeued: no longer fitting
+        now = time.monotonic()
+        if self.fit_refs or now - self.last_fit_poll < FIT_POLL_S:
+            return
+        self.last_fit_poll = now
+        for slot in self.actors.values():
+            if slot.in_flight and slot.ready:
+                self.fit_refs[slot.handle.fit_progress.remote()] = slot.name
 
     def _on_ready(self, slot: ActorSlot, ref: Any) -> None:
         try:

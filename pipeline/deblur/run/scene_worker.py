@@ -303,6 +303,11 @@ class SceneWorkerActor:
     def process(self, job_root: str, shard_id: int, attempt: int) -> dict[str, Any]:
         return self.processor.process(job_root, shard_id, attempt)
 
+    def fit_progress(self) -> dict[str, Any]:
+        """The scene being fitted now (shard, step, steps, Gaussians), or {} between scenes;
+        answered on another of the actor's threads while the fit runs."""
+        return dict(self.processor.current)
+
     def process_rows(self, job_root: str, shard_id: int, attempt: int,
                      row_ids: list[int]) -> list[dict[str, Any]]:
         return self.processor.process_rows(job_root, shard_id, attempt, row_ids)

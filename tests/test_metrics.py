@@ -124,6 +124,25 @@ def test_ratios_and_the_two_queues() -> None:
     assert value("deblur_gpu_memory_peak_bytes", {"job_id": "job-1", "worker": "w1"}) == 0
 
 
+def test_every_rated_series_exists_at_zero_before_the_first_shard() -> None:
+    """A job whose shards all finish between two scrapes must still give `rate()` an
+    increase: the counters and histograms the dashboard rates exist at 0 from the start."""
+    metrics = JobMetrics("job-1", "mimo-unet")
+    value = metrics.registry.get_sample_value
+    for stage in ("fetch", "decode", "infer", "encode", "upload"):
+        assert value("deblur_stage_seconds_count", {"job_id": "job-1", "stage": stage}) == 0
+    assert value("deblur_batch_size_count", {"job_id": "job-1"}) == 0
+    assert value("deblur_batch_fill_ratio_count", {"job_id": "job-1"}) == 0
+    rated = set()
+    for expr in dashboard_exprs() + alert_exprs():
+        rated |= set(re.findall(r"rate\((deblur_[a-z_]+)", expr))
+    text = generate_latest(metrics.registry).decode()
+    # Failures by reason are the exception: a reason's series cannot exist before its first
+    # failure (the set of reasons is open), and a job with none rightly shows none.
+    missing = {name for name in rated - {"deblur_failures_total"} if f"\n{name}{{" not in text}
+    assert not missing, f"rated series absent until the first shard: {sorted(missing)}"
+
+
 def test_device_utilization_is_absent_without_nvml_reading() -> None:
     """A worker that reports no NVML figure (CPU, no nvidia-ml-py) has no series."""
     metrics = JobMetrics("job-1", "mimo-unet")

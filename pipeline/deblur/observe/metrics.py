@@ -200,6 +200,13 @@ class JobMetrics:
             self.shards.labels(job_id, state)
         for state in ("active", "pending"):
             self.workers.labels(job_id, state)
+        # The histograms too: a short job's shards can all land between two scrapes, and a
+        # series whose first sample is already its final count has no increase for `rate()`,
+        # so the latency and batch panels would stay empty for exactly the jobs that ran fast.
+        for stage in STAGES:
+            self.stage.labels(job_id, stage)
+        self.batch_size.labels(job_id)
+        self.batch_fill.labels(job_id)
         self.storage_retries.labels(job_id)
         self.fp32_reruns.labels(job_id)
         self.shard_retries.labels(job_id)

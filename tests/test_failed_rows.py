@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deblur.cli import _report, app, failure_line
+from deblur.cli import _report, app
+from deblur.observe.job_text import failure_line
 from deblur.io.storage import Storage
 from deblur.job.ledger import Ledger
 from deblur.run.driver import JobOutcome

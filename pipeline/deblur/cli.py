@@ -470,73 +470,34 @@ def _rerun(job_root: str, overrides: dict[str, Any], out: _Output, *, wait: bool
     return _report(outcome, ledger, out)
 
 
-SHOWN_FAILURES = 20
-"""Failed images named at the end of run and rerun; `deblur status JOB --failed` has all."""
-
-
 def _report(outcome: Any, ledger: Any, out: _Output | None = None) -> int:
     """The final summary: its own block (after a blank line), or one JSON object (--json)."""
-    from deblur.console import hms
     from deblur.job.ledger import run_throughput
+    from deblur.observe.job_text import closing_lines, failure_lines
 
     out = out or _Output(False, False, None, False)
     status = outcome.status
     summary = ledger.read_summary() or {}
-    rate = run_throughput(summary)
-    seconds = (summary.get("run") or {}).get("seconds")
     stopped = bool(outcome.progress.cancelled or status.pending)
     code = EXIT_STOPPED if stopped else (EXIT_FAILED_IMAGES if status.failed else EXIT_OK)
     if out.as_json:
         typer.echo(json.dumps({
             "job_root": outcome.job_root, "state": summary.get("state"), "exit_code": code,
-            **status.to_dict(), "images_per_s": rate, "seconds": seconds,
-            "log": out.log_path}, default=str))
+            **status.to_dict(), "images_per_s": run_throughput(summary),
+            "seconds": (summary.get("run") or {}).get("seconds"), "log": out.log_path},
+            default=str))
     else:
-        _say("")
-        _say(f"done: {status.ok} ok, {status.failed} failed, {status.pending} pending "
-                   f"of {status.total}")
-        _say(f"  throughput: {_rate(rate)} (while workers ran); wall time "
-                   f"{hms(seconds)}")
-        _say(f"  job root:   {outcome.job_root}")
-        if out.log_path:
-            _say(f"  log:        {out.log_path}")
+        for line in closing_lines(status, summary, outcome.job_root, out.log_path):
+            _say(line)
     for reason, count in sorted(status.failures_by_reason.items()):
         _say(f"  failed {reason}: {count}", err=True)
     if status.failed:
-        _name_failures(ledger, status.failed)
+        for line in failure_lines(ledger, status.failed):
+            _say(line, err=True)
     if stopped:
         _say(f"stopped early: `deblur rerun {outcome.job_root}` finishes the job",
                    err=True)
     return code
-
-
-def _rate(rate: float | None) -> str:
-    return "unknown" if rate is None else f"{rate:.2f} images/s"
-
-
-def _name_failures(ledger: Any, failed: int) -> None:
-    """The first failed images, one ``key: reason: message`` line each, then how many more."""
-    import itertools
-
-    from deblur.errors import PipelineError
-
-    shown = 0
-    try:
-        for row in itertools.islice(ledger.failed_rows(), SHOWN_FAILURES):
-            _say(failure_line(row), err=True)
-            shown += 1
-    except PipelineError as exc:  # the counts above stand; the names are a convenience
-        _say(f"(could not list the failed images: {exc})", err=True)
-    if failed > shown:
-        _say(f"… and {failed - shown} more: deblur status {ledger.job_root} --failed",
-                   err=True)
-
-
-def failure_line(row: dict[str, Any]) -> str:
-    """``key: reason: message`` for a failed row (the message without its own key prefix)."""
-    key, message = row["key"], " ".join((row.get("error") or "").split())
-    message = message.removeprefix(f"{key}: ")
-    return f"{key}: {row.get('reason') or 'unknown'}: {message}"
 
 
 @app.command(short_help="A job's totals, failures, throughput and state.")
@@ -559,6 +520,7 @@ def status(
 
 def _failed_rows(job_root: str, reason: str | None, as_json: bool) -> None:
     from deblur.job.ledger import Ledger
+    from deblur.observe.job_text import failure_line
 
     ledger = Ledger.open_recorded(job_root)
     for row in ledger.failed_rows(reason):
@@ -570,79 +532,19 @@ def _failed_rows(job_root: str, reason: str | None, as_json: bool) -> None:
 
 def _status(job_root: str, as_json: bool) -> None:
     from deblur.job.ledger import Ledger, run_throughput
+    from deblur.observe.job_text import status_lines
 
     ledger = Ledger.open_recorded(job_root)
-    data = ledger.status().to_dict()
-    state, error = ledger.state()
-    snapshot = ledger.latest_snapshot()
-    summary = ledger.read_summary()
-    rate = run_throughput(summary)
-    if as_json:
-        typer.echo(json.dumps({**data, "state": state, "error": error,
-                               "last_snapshot": snapshot, "summary": summary,
-                               "images_per_s_while_workers_ran": rate},
-                              indent=2, default=str))
+    if not as_json:
+        for line in status_lines(ledger):
+            _say(line)
         return
-    model = ledger.job().get("model") or {}
-    _say(f"job {ledger.job_root}")
-    _say(f"  state: {state}" + (f": {error}" if error else ""))
-    name = model.get("name") or ledger.config().model.name
-    _say(f"  model: {name}, "
-               + ("RANDOM weights (outputs are NOT deblurred)" if model.get("random_weights")
-                  else "fitted per scene (no weights)" if name == SCENE_MODEL
-                  else f"weights {model.get('weights')} (sha256 "
-                       f"{(model.get('weights_sha256') or '?')[:12]})"))
-    _say(f"  images: {data['total']} total, {data['ok']} ok, {data['failed']} failed, "
-               f"{data['pending']} pending")
-    _say(f"  shards: {data['shards_done']}/{data['shards_total']} done")
-    # One throughput, the one the run's summary and the report show (run_throughput).
-    _say(f"  throughput: {_rate(rate)}, last run (images per second of wall time "
-               f"while workers ran)")
-    for reason, count in sorted(data.get("failures_by_reason", {}).items()):
-        _say(f"  failed {reason}: {count}")
-    if snapshot:
-        fill = snapshot.get("mean_batch_fill")
-        _say(f"  last run: mean batch {snapshot.get('mean_batch_size') or 0:.1f} images"
-                   + (f" ({fill:.0%} filled)" if fill else "")
-                   + f", {snapshot['storage_retries']} storage retries, "
-                   f"{snapshot['retries']} shard retries")
-        if snapshot.get("workers_pending"):
-            _say(f"  workers: {snapshot.get('workers_active', 0)} active, "
-                       f"{snapshot['workers_pending']} pending"
-                       + (f" (waiting for {snapshot['waiting_for']})"
-                          if snapshot.get("waiting_for") else ""))
-    if summary and summary.get("latency_ms"):
-        for stage, figures in summary["latency_ms"].items():
-            _say(f"  {stage}: p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f}"
-                       f" ms, p99 {figures['p99_ms']:.1f} ms")
-    if summary and summary.get("quality"):
-        quality = dict(summary["quality"])
-        if "psnr_gain" in quality:  # an evaluation job
-            _say(_against_references(quality))
-            for name in ("psnr", "ssim"):  # shown above
-                for key in (f"mean_{name}", f"mean_{name}_in", f"{name}_count",
-                            f"{name}_in_count", f"{name}_gain"):
-                    quality.pop(key, None)
-        if quality:
-            _say("  quality: " + ", ".join(f"{k} {_number(v)}" for k, v in quality.items()
-                                          if isinstance(v, (int, float))))
-
-
-def _against_references(quality: dict[str, Any]) -> str:
-    """An evaluation job's figures: before (the inputs) -> after (the outputs), and the gain."""
-    parts = [f"PSNR {quality['mean_psnr_in']:.2f} -> {quality['mean_psnr']:.2f} dB "
-             f"({quality['psnr_gain']:+.2f} dB)"]
-    if "ssim_gain" in quality:
-        parts.append(f"SSIM {quality['mean_ssim_in']:.3f} -> {quality['mean_ssim']:.3f} "
-                     f"({quality['ssim_gain']:+.3f})")
-    return (f"  against the references ({quality.get('psnr_count', 0)} images, input -> "
-            f"output): " + ", ".join(parts))
-
-
-def _number(value: float) -> str:
-    """Counts as integers (``8``, not ``8.000``), measures to 3 decimals."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else \
-        f"{value:.3f}"
+    state, error = ledger.state()
+    summary = ledger.read_summary()
+    typer.echo(json.dumps({**ledger.status().to_dict(), "state": state, "error": error,
+                           "last_snapshot": ledger.latest_snapshot(), "summary": summary,
+                           "images_per_s_while_workers_ran": run_throughput(summary)},
+                          indent=2, default=str))
 
 
 @app.command(short_help="Stop a job after the shards in flight.")
@@ -712,49 +614,21 @@ def list_jobs(
 
 
 def _list(destination: str, as_json: bool) -> None:
-    from deblur.job.ledger import Ledger, list_jobs as ledger_list_jobs
     from deblur.io.storage import get_storage
+    from deblur.observe.job_text import jobs_table, jobs_with_counts
 
-    storage = get_storage()
-    jobs = ledger_list_jobs(storage, destination)
-    for job in jobs:
-        if "corrupt" not in job:  # the counts `status` shows, from the job's index
-            ledger = Ledger(storage, job["job_root"])
-            counts = ledger.status()
-            job.update(ok=counts.ok, failed=counts.failed, pending=counts.pending,
-                       destination=ledger.job().get("destination"))
+    jobs = jobs_with_counts(get_storage(), destination)
     if as_json:
         for job in jobs:
             typer.echo(json.dumps(job, default=str))
         return
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for name in ("JOB ID", "CREATED", "STATE", "OK", "FAILED", "PENDING", "DESTINATION"):
-        numeric = name in ("OK", "FAILED", "PENDING")
-        table.add_column(name, justify="right" if numeric else "left",
-                         no_wrap=name != "DESTINATION", overflow="fold")
-    def cell(value: Any) -> Text:  # escaped, and never read as rich markup
-        return Text(printable(value))
-
-    for job in jobs:
-        created = job.get("created_at")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-"
-        if "corrupt" in job:
-            table.add_row(cell(job["job_id"]), when, "corrupt", "-", "-", "-",
-                          cell(job["job_root"]))
-            continue
-        table.add_row(cell(job["job_id"]), when, cell(job["state"]), str(job["ok"]),
-                      str(job["failed"]), str(job["pending"]),
-                      cell(job.get("destination") or ""))
     if not jobs:
         _say(f"no jobs under {destination}")
         return
+    from rich.console import Console
+
     # stdout as it is now (a test runner swaps it); no colour codes when it is not a TTY.
-    Console(file=sys.stdout, highlight=False).print(table)
+    Console(file=sys.stdout, highlight=False).print(jobs_table(jobs))
 
 
 @app.command()

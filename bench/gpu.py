@@ -1021,7 +1021,9 @@ def row_precision(bench: Bench, table: Table) -> None:
                       "8-bit levels", status="skipped", notes=NEEDS_CUDA))
         return
     fresh(bench.device)
-    images = bench.decoded(max(1, min(4, bench.args.images_per_run, bench.args.images)))
+    # A dry run checks the code with one image: bf16/fp16 convolutions on a CPU take seconds.
+    count = 1 if bench.args.dry_run else min(4, bench.args.images_per_run, bench.args.images)
+    images = bench.decoded(max(1, count))
     torch.manual_seed(0)
     weights = bench.base.model.weights
     # Parity is a property of trained weights (random ones have other activation ranges).

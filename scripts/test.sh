@@ -26,8 +26,12 @@ if ! set_up; then
 fi
 [ "$quick" = 1 ] || bash scripts/install_tools.sh
 export PATH="$PWD/.tools/bin:$PWD/.venv/bin:$PATH"
+# Two workers, a module each at a time, longest modules first (tests/conftest.py, "parallel
+# runs"): on 2 cores most of the suite's time is spent waiting on Ray, subprocesses and
+# servers, which two workers overlap. DEBLUR_TEST_WORKERS=0 runs in this one process.
+parallel=(-n "${DEBLUR_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder)
 if [ "$quick" = 1 ]; then
   markexpr=$(.venv/bin/python -c 'from tests.conftest import QUICK_MARKEXPR; print(QUICK_MARKEXPR)')
-  exec .venv/bin/python -m pytest -q -m "$markexpr" "$@"
+  exec .venv/bin/python -m pytest -q "${parallel[@]}" -m "$markexpr" "$@"
 fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q "${parallel[@]}" "$@"

@@ -103,8 +103,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # A private Ray temp dir: new sessions in it are this run's (the check above), and Ray
     # runs of other suites on the machine stay apart. Short, under /tmp: Ray's socket paths
     # below it must stay within the 107 bytes a Unix socket name allows.
-    if "RAY_TMPDIR" not in os.environ:
-        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    # An xdist worker inherits its controller's dir: it takes its own, or each worker's check
+    # would see the other's sessions (and stop_ray_of_this_run would stop the other's Ray).
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if "RAY_TMPDIR" not in os.environ or worker is not None:
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"rt-{worker or ''}", dir="/tmp")
         config.stash[_OWN_RAY_TMPDIR] = os.environ["RAY_TMPDIR"]
     if not getattr(sys, "_deblur_tier_audit", False):  # audit hooks cannot be removed: once
         sys.addaudithook(_audit)
@@ -118,7 +121,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.environ.pop("RAY_TMPDIR", None)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
@@ -129,6 +132,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         first, shared = items.index(sharing[0]), set(sharing)
         rest = [item for item in items if item not in shared]
         items[:] = rest[:first] + sharing + rest[first:]
+    if hasattr(config, "workerinput"):  # an xdist worker: its order is the run's queue
+        items.sort(key=_heavy_rank)  # stable: the rest keep the order above
+
+
+# -- parallel runs ---------------------------------------------------------------------------
+# scripts/test.sh runs the suite on two xdist workers, a module at a time each (--dist
+# loadscope: a module's fixtures start once), taking modules in collection order
+# (--no-loadscope-reorder). The longest modules are queued first, so that the two workers end
+# together instead of one finishing a long module alone at the end. Measured on 2 cores,
+# longest first; a module missing here only costs time, never a result.
+HEAVY_FIRST = (
+    "integration/test_driver_restart.py", "integration/test_scene_run.py",
+    "integration/test_scale.py", "test_train.py", "integration/test_signals.py",
+    "test_gpu_bench.py", "test_inference.py", "integration/test_submit.py",
+    "integration/test_outage.py", "integration/test_hangs.py", "test_scene_fit.py",
+    "integration/test_driver_lost_alert.py", "integration/test_autoscaling.py",
+    "integration/test_terminal_safety.py",
+)
+
+
+def _heavy_rank(item: pytest.Item) -> int:
+    module = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+    return HEAVY_FIRST.index(module) if module in HEAVY_FIRST else len(HEAVY_FIRST)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -144,3 +144,11 @@ def test_an_unmarked_test_that_starts_ray_fails_naming_it(tmp_path: Path) -> Non
     out = done.stdout + done.stderr
     assert done.returncode == 1 and "1 passed, 1 error" in out, out
     assert "used Ray but is not marked integration" in out, out
+
+
+def test_every_module_queued_first_exists() -> None:
+    """A module renamed or removed would silently fall back to collection order."""
+    from tests.conftest import HEAVY_FIRST
+
+    tests = Path(__file__).parent
+    assert [m for m in HEAVY_FIRST if not (tests / m).is_file()] == []

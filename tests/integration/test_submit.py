@@ -45,6 +45,10 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
              "--include-dashboard=true", "--num-cpus=2", "--num-gpus=1",
+             # Not Ray's fixed defaults (52365, 10001): another test worker's Ray may hold
+             # them, and a head whose job agent cannot bind refuses every submission.
+             f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}",
              "--disable-usage-stats"]
     done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -109,6 +109,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if "RAY_TMPDIR" not in os.environ or worker is not None:
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"rt-{worker or ''}", dir="/tmp")
         config.stash[_OWN_RAY_TMPDIR] = os.environ["RAY_TMPDIR"]
+    if worker is not None:
+        # torch's intra-op threads default to every core: two workers' in-process forwards
+        # would each run one per core and spin against each other. A worker's own torch work
+        # gets its share; the CLI, Ray workers and trainers it starts set theirs from config.
+        import torch
+
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if not getattr(sys, "_deblur_tier_audit", False):  # audit hooks cannot be removed: once
         sys.addaudithook(_audit)
         sys._deblur_tier_audit = True  # type: ignore[attr-defined]
@@ -140,15 +148,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # scripts/test.sh runs the suite on two xdist workers, a module at a time each (--dist
 # loadscope: a module's fixtures start once), taking modules in collection order
 # (--no-loadscope-reorder). The longest modules are queued first, so that the two workers end
-# together instead of one finishing a long module alone at the end. Measured on 2 cores,
-# longest first; a module missing here only costs time, never a result.
+# together instead of one finishing a long module alone at the end. Module totals of a serial
+# run on 2 cores, longest first; a module missing here only costs time, never a result.
 HEAVY_FIRST = (
-    "integration/test_driver_restart.py", "integration/test_scene_run.py",
-    "integration/test_scale.py", "test_train.py", "integration/test_signals.py",
-    "test_gpu_bench.py", "test_inference.py", "integration/test_submit.py",
-    "integration/test_outage.py", "integration/test_hangs.py", "test_scene_fit.py",
-    "integration/test_driver_lost_alert.py", "integration/test_autoscaling.py",
-    "integration/test_terminal_safety.py",
+    "integration/test_driver_restart.py", "test_train.py", "integration/test_scene_run.py",
+    "integration/test_signals.py", "test_gpu_bench.py", "integration/test_scale.py",
+    "integration/test_submit.py", "test_scene_fit.py", "test_inference.py",
+    "integration/test_hangs.py", "test_job_root_safety.py",
+    "integration/test_driver_lost_alert.py", "integration/test_outage.py",
+    "integration/test_node_loss.py", "integration/test_autoscaling.py",
+    "integration/test_storage_faults.py", "integration/test_terminal_safety.py",
+    "integration/test_poison.py",
 )
 
 

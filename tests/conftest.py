@@ -109,14 +109,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if "RAY_TMPDIR" not in os.environ or worker is not None:
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"rt-{worker or ''}", dir="/tmp")
         config.stash[_OWN_RAY_TMPDIR] = os.environ["RAY_TMPDIR"]
-    if worker is not None:
-        # torch's intra-op threads default to every core: two workers' in-process forwards
-        # would each run one per core and spin against each other. A worker's own torch work
-        # gets its share; the CLI, Ray workers and trainers it starts set theirs from config.
-        import torch
-
-        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if not getattr(sys, "_deblur_tier_audit", False):  # audit hooks cannot be removed: once
         sys.addaudithook(_audit)
         sys._deblur_tier_audit = True  # type: ignore[attr-defined]

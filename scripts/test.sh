@@ -27,7 +27,7 @@ fi
 [ "$quick" = 1 ] || bash scripts/install_tools.sh
 export PATH="$PWD/.tools/bin:$PWD/.venv/bin:$PATH"
 # Two workers, a module each at a time, longest modules first (tests/conftest.py, "parallel
-# runs"): on 2 cores most of the suite's time is spent waiting on Ray, subprocesses and
+# runs"): on 2 cores much of the suite's time is spent waiting on Ray, subprocesses and
 # servers, which two workers overlap. DEBLUR_TEST_WORKERS=0 runs in this one process.
 parallel=(-n "${DEBLUR_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder)
 if [ "$quick" = 1 ]; then
